@@ -1,0 +1,206 @@
+// Command cove-cache is the cluster cache service: an OCI distribution pull-through cache
+// for any registry, which every node's containerd uses as its mirror.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cove-oci/cove/internal/version"
+	"github.com/cove-oci/cove/proxy/route"
+	"github.com/cove-oci/cove/proxy/server"
+	"github.com/cove-oci/cove/proxy/storage/filesystem"
+)
+
+const usage = `cove-cache: a cluster-wide pull-through cache for container images and OCI artifacts.
+
+Usage:
+  cove-cache serve [flags]   run the cache (see 'cove-cache serve -h')
+  cove-cache version         print the version
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stderr)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "cove-cache", version.Version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "cove-cache: unknown command %q\n\n%s", args[0], usage)
+	return 2
+}
+
+// repeated is a flag that may be given several times.
+type repeated []string
+
+func (r *repeated) String() string     { return strings.Join(*r, ",") }
+func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
+
+type options struct {
+	addr            string
+	storageDir      string
+	plainHTTP       repeated
+	defaultRegistry string
+	authzTTL        time.Duration
+	stallTimeout    time.Duration
+	logLevel        string
+	logFormat       string
+}
+
+func defaultStorageDir() string {
+	if d := os.Getenv("XDG_DATA_HOME"); d != "" {
+		return filepath.Join(d, "cove-cache")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "share", "cove-cache")
+	}
+	return "cove-cache-data"
+}
+
+func parseServe(args []string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("cove-cache serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.addr, "addr", "127.0.0.1:5005", "listen address `HOST:PORT`")
+	fs.StringVar(&o.storageDir, "storage-dir", defaultStorageDir(), "filesystem storage `DIR` (blobs, records, in-flight fills)")
+	fs.Var(&o.plainHTTP, "origin-plain-http", "reach this origin `HOST:PORT` over plain HTTP (repeatable; for local test registries)")
+	fs.StringVar(&o.defaultRegistry, "default-registry", route.DockerHub, "registry for requests that name none (no ns= and no registry path prefix)")
+	fs.DurationVar(&o.authzTTL, "authz-ttl", 10*time.Second, "how long an origin's yes to a (credential, repository, object) HEAD is reused; 0 asks every time")
+	fs.DurationVar(&o.stallTimeout, "stall-timeout", 30*time.Second, "fail an origin fill that sends no byte for this long")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if _, _, err := net.SplitHostPort(o.addr); err != nil {
+		return nil, fmt.Errorf("--addr %q: want HOST:PORT: %v", o.addr, err)
+	}
+	if o.storageDir == "" {
+		return nil, errors.New("--storage-dir must not be empty")
+	}
+	for i, h := range o.plainHTTP {
+		norm, err := route.NormalizeHost(h)
+		if err != nil || strings.Contains(h, "/") {
+			return nil, fmt.Errorf("--origin-plain-http %q: want a registry HOST:PORT", h)
+		}
+		o.plainHTTP[i] = norm
+	}
+	def, err := route.NormalizeHost(o.defaultRegistry)
+	if err != nil {
+		return nil, fmt.Errorf("--default-registry %q: not a registry host", o.defaultRegistry)
+	}
+	o.defaultRegistry = def
+	if o.authzTTL < 0 || o.stallTimeout <= 0 {
+		return nil, errors.New("--authz-ttl must be >= 0 and --stall-timeout > 0")
+	}
+	return o, nil
+}
+
+func newLogger(o *options, w io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
+	}
+	hopts := &slog.HandlerOptions{Level: level}
+	switch o.logFormat {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, hopts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, hopts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want json or text", o.logFormat)
+}
+
+func serve(args []string, stderr io.Writer) int {
+	o, err := parseServe(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
+		return 2
+	}
+	log, err := newLogger(o, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
+		return 2
+	}
+	store, err := filesystem.New(filepath.Join(o.storageDir))
+	if err != nil {
+		log.Error("opening storage failed", "dir", o.storageDir, "error", err)
+		return 1
+	}
+	authzTTL := o.authzTTL
+	if authzTTL == 0 {
+		authzTTL = -1 // Config's zero means the default; the flag's zero means never reuse
+	}
+	srv, err := server.New(server.Config{
+		Storage:         store,
+		SpoolDir:        filepath.Join(store.Root(), "spool"),
+		PlainHTTP:       o.plainHTTP,
+		DefaultRegistry: o.defaultRegistry,
+		AuthzTTL:        authzTTL,
+		StallTimeout:    o.stallTimeout,
+		Logger:          log,
+	})
+	if err != nil {
+		log.Error("starting server failed", "error", err)
+		return 1
+	}
+	ln, err := net.Listen("tcp", o.addr)
+	if err != nil {
+		log.Error("listen failed", "addr", o.addr, "error", err)
+		return 1
+	}
+	hs := &http.Server{
+		Handler:           srv,
+		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	log.Info("cove-cache serving", "addr", ln.Addr().String(), "storage_dir", store.Root(), "version", version.Version)
+	select {
+	case err := <-errc:
+		log.Error("server stopped", "error", err)
+		return 1
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := hs.Shutdown(sctx); err != nil {
+		log.Warn("shutdown incomplete", "error", err)
+	}
+	return 0
+}

@@ -1,0 +1,131 @@
+// Package metrics defines cove-cache's Prometheus metrics.
+//
+// Egress saved per registry is bytes_sent_total{source="cache"} minus nothing: every byte
+// sent from the cache is a byte the origin did not send. Hit ratio is
+// requests_total{result="hit"} over all blob and manifest requests.
+package metrics
+
+import (
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Results of a request, the values of the result label.
+const (
+	ResultHit         = "hit"         // served from storage
+	ResultMiss        = "miss"        // started an origin fill
+	ResultCoalesced   = "coalesced"   // joined a fill another request started
+	ResultDenied      = "denied"      // the origin refused this client
+	ResultError       = "error"       // origin unreachable or failed, or a cove fault
+	ResultPassthrough = "passthrough" // relayed without caching (tags, referrers, HEAD misses)
+	ResultInvalid     = "invalid"     // refused as malformed
+)
+
+// Metrics holds the collectors.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	Requests       *prometheus.CounterVec
+	BytesSent      *prometheus.CounterVec
+	OriginBytes    *prometheus.CounterVec
+	OriginRequests *prometheus.CounterVec
+	FillDuration   *prometheus.HistogramVec
+	FillsInFlight  prometheus.GaugeFunc
+
+	labels *labelLimiter
+}
+
+// New creates and registers the collectors. inFlight reports the running fills.
+func New(inFlight func() int) *Metrics {
+	reg := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry: reg,
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cove_requests_total",
+			Help: "Distribution API requests by operation (manifest, blob, tags, referrers, ping) and result (hit, miss, coalesced, denied, error, passthrough, invalid).",
+		}, []string{"operation", "result"}),
+		BytesSent: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cove_bytes_sent_total",
+			Help: "Blob and manifest bytes sent to clients, by registry and source (cache: from storage, an origin fetch avoided; fill: streamed from an origin fetch).",
+		}, []string{"registry", "source"}),
+		OriginBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cove_origin_bytes_total",
+			Help: "Bytes fetched from origin registries into the cache, by registry.",
+		}, []string{"registry"}),
+		OriginRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cove_origin_requests_total",
+			Help: "Requests sent to origin registries, by registry and status code (error: no answer).",
+		}, []string{"registry", "status"}),
+		FillDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "cove_fill_duration_seconds",
+			Help:    "Duration of origin fills, by result (ok, failed, refused).",
+			Buckets: prometheus.ExponentialBuckets(0.01, 3, 12),
+		}, []string{"result"}),
+		labels: &labelLimiter{max: 200, seen: map[string]bool{}},
+	}
+	m.FillsInFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cove_fills_in_flight",
+		Help: "Origin fills running now.",
+	}, func() float64 { return float64(inFlight()) })
+	reg.MustRegister(m.Requests, m.BytesSent, m.OriginBytes, m.OriginRequests, m.FillDuration, m.FillsInFlight,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// RegistryLabel bounds the registry label's cardinality: registry names come from clients,
+// so past a fixed number of distinct values the rest are counted as "other".
+func (m *Metrics) RegistryLabel(registry string) string { return m.labels.label(registry) }
+
+// Request counts one request.
+func (m *Metrics) Request(operation, result string) {
+	m.Requests.WithLabelValues(operation, result).Inc()
+}
+
+// Sent counts bytes sent to a client.
+func (m *Metrics) Sent(registry, source string, n int64) {
+	if n > 0 {
+		m.BytesSent.WithLabelValues(m.RegistryLabel(registry), source).Add(float64(n))
+	}
+}
+
+// FromOrigin counts bytes read from an origin.
+func (m *Metrics) FromOrigin(registry string, n int) {
+	m.OriginBytes.WithLabelValues(m.RegistryLabel(registry)).Add(float64(n))
+}
+
+// OriginRequest counts one origin request.
+func (m *Metrics) OriginRequest(registry string, status int, err error) {
+	s := "error"
+	if err == nil {
+		s = strconv.Itoa(status)
+	}
+	m.OriginRequests.WithLabelValues(m.RegistryLabel(registry), s).Inc()
+}
+
+// Fill records a finished fill.
+func (m *Metrics) Fill(result string, d time.Duration) {
+	m.FillDuration.WithLabelValues(result).Observe(d.Seconds())
+}
+
+type labelLimiter struct {
+	mu   sync.Mutex
+	max  int
+	seen map[string]bool
+}
+
+func (l *labelLimiter) label(v string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.seen[v] {
+		return v
+	}
+	if len(l.seen) >= l.max {
+		return "other"
+	}
+	l.seen[v] = true
+	return v
+}

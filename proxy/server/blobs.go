@@ -1,0 +1,282 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/cove-oci/cove/proxy/fill"
+	"github.com/cove-oci/cove/proxy/httpx"
+	"github.com/cove-oci/cove/proxy/metrics"
+	"github.com/cove-oci/cove/proxy/route"
+	"github.com/cove-oci/cove/proxy/storage"
+)
+
+func blobPath(req *route.Request) string {
+	return "/v2/" + req.Repository + "/blobs/" + req.Digest.String()
+}
+
+func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Request) {
+	ctx := r.Context()
+	path := blobPath(req)
+	if size, ok := s.hasBlob(ctx, req.Registry, req.Digest); ok {
+		if !s.authorize(w, r, req, path, req.Digest) {
+			return
+		}
+		s.metrics.Request("blob", metrics.ResultHit)
+		s.serveStored(w, r, req, size, "application/octet-stream")
+		return
+	}
+	if r.Method == http.MethodHead {
+		// A HEAD miss is a question for the origin; no reason to fetch the body.
+		resp, err := s.origin.Do(ctx, http.MethodHead, req.Registry, path, nil, r.Header, nil)
+		if err != nil {
+			s.originUnavailable(w, req, "blob", err)
+			return
+		}
+		resp.Body.Close()
+		s.metrics.Request("blob", metrics.ResultPassthrough)
+		relay(w, r, resp.StatusCode, resp.Header, nil)
+		return
+	}
+	s.serveFromFill(w, r, req, path)
+}
+
+// authorize asks the origin, with the client's own credentials, whether this client may
+// read this object in this repository (a HEAD), unless a recent yes is remembered. On no,
+// it relays the origin's answer (a 401 challenge included) and returns false.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, req *route.Request, path string, d digest.Digest) bool {
+	own := owner(r.Header, req.Registry, req.Repository)
+	if s.authz.allowed(own, d) {
+		return true
+	}
+	resp, err := s.origin.Do(r.Context(), http.MethodHead, req.Registry, path, nil, r.Header, nil)
+	if err != nil {
+		// Never serve a cached byte the origin has not allowed; containerd falls back.
+		s.originUnavailable(w, req, req.Kind.String(), err)
+		return false
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		s.authz.allow(own, d)
+		return true
+	}
+	s.metrics.Request(req.Kind.String(), resultForStatus(resp.StatusCode))
+	relay(w, r, resp.StatusCode, resp.Header, nil)
+	return false
+}
+
+// serveStored serves a verified blob from storage, whole or one range of it.
+func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, req *route.Request, size int64, contentType string) {
+	d := req.Digest
+	if d == "" {
+		return
+	}
+	s.serveStoredDigest(w, r, req.Registry, d, size, contentType)
+}
+
+func (s *Server) serveStoredDigest(w http.ResponseWriter, r *http.Request, registry string, d digest.Digest, size int64, contentType string) {
+	rng, partial, ok := s.parseRange(w, r, size)
+	if !ok {
+		return
+	}
+	blob, err := s.store.Open(r.Context(), d)
+	if err != nil {
+		s.log.Error("opening stored blob failed", "digest", d, "error", err)
+		httpx.WriteError(w, http.StatusInternalServerError, "UNKNOWN", "cached blob unreadable")
+		return
+	}
+	defer blob.Close()
+	h := w.Header()
+	h.Set("Content-Type", contentType)
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Etag", `"`+d.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Content-Length", strconv.FormatInt(rng.Length(), 10))
+	status := http.StatusOK
+	if partial {
+		h.Set("Content-Range", rng.ContentRange(size))
+		status = http.StatusPartialContent
+	}
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead || rng.Length() == 0 {
+		return
+	}
+	var src io.Reader = io.NewSectionReader(blob, rng.Start, rng.Length())
+	// A plain file lets net/http use sendfile(2): the bytes never pass through user space.
+	if fb, ok := blob.(interface{ OSFile() *os.File }); ok {
+		if f := fb.OSFile(); f != nil {
+			if _, err := f.Seek(rng.Start, io.SeekStart); err == nil {
+				src = io.LimitReader(f, rng.Length())
+			}
+		}
+	}
+	n, err := io.Copy(w, src)
+	s.metrics.Sent(registry, "cache", n)
+	if err != nil || n != rng.Length() {
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// parseRange resolves the Range header against a known size. It answers malformed and
+// unsatisfiable ranges itself and then returns ok=false.
+func (s *Server) parseRange(w http.ResponseWriter, r *http.Request, size int64) (httpx.ByteRange, bool, bool) {
+	rng, partial, err := httpx.ParseRange(r.Header.Get("Range"), size)
+	switch {
+	case errors.Is(err, httpx.ErrRangeMultiple):
+		partial, err = false, nil
+	case errors.Is(err, httpx.ErrRangeUnsatisfiable):
+		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
+		httpx.WriteError(w, http.StatusRequestedRangeNotSatisfiable, "RANGE_INVALID", "range not satisfiable")
+		return rng, false, false
+	case err != nil:
+		httpx.WriteError(w, http.StatusBadRequest, "RANGE_INVALID", err.Error())
+		return rng, false, false
+	}
+	if !partial {
+		rng = httpx.ByteRange{Start: 0, End: size - 1}
+	}
+	return rng, partial, true
+}
+
+// serveFromFill serves a blob the cache does not have: it starts the one origin fetch for
+// it, or joins the one running, and streams while the bytes arrive.
+func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *route.Request, path string) {
+	ctx := r.Context()
+	own := owner(r.Header, req.Registry, req.Repository)
+	originHeader := httpx.OriginRequestHeaders(r.Header) // the fill may outlive this request
+	registry := req.Registry
+	fetch := func(ctx context.Context) (*http.Response, error) {
+		return s.origin.Do(ctx, http.MethodGet, registry, path, nil, originHeader, nil)
+	}
+	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
+	// A fill another client started that ends without content (that client's credentials
+	// were refused) is no answer for this one: it gets one fill of its own.
+	for attempt := 0; attempt < 2; attempt++ {
+		f, started := s.fills.Join(key, own, fetch)
+		if !started && f.Owner != own {
+			// Joining streams bytes fetched with someone else's credentials: the origin
+			// must first say this client may read this blob in this repository.
+			if !s.authorize(w, r, req, path, req.Digest) {
+				f.Release()
+				return
+			}
+		}
+		resp, err := f.Response(ctx)
+		if err != nil {
+			f.Release()
+			if ctx.Err() != nil {
+				return
+			}
+			s.originUnavailable(w, req, "blob", err)
+			return
+		}
+		if resp.Status != http.StatusOK {
+			f.Release()
+			if !started {
+				continue
+			}
+			s.metrics.Request("blob", resultForStatus(resp.Status))
+			relay(w, r, resp.Status, resp.Header, bytesReader(resp.Body))
+			return
+		}
+		result := metrics.ResultMiss
+		if !started {
+			result = metrics.ResultCoalesced
+		}
+		s.metrics.Request("blob", result)
+		s.streamFill(w, r, req, f)
+		f.Release()
+		return
+	}
+	s.metrics.Request("blob", metrics.ResultError)
+	httpx.WriteError(w, http.StatusBadGateway, "UNAVAILABLE", "origin fetch failed")
+}
+
+// streamFill sends the client its range of a running fill: headers at once, bytes as they
+// arrive. A fill that fails aborts the response, so the client sees a broken transfer
+// (and falls back or resumes), never a clean end.
+func (s *Server) streamFill(w http.ResponseWriter, r *http.Request, req *route.Request, f *fill.Fill) {
+	ctx := r.Context()
+	size := f.Size()
+	if size < 0 && r.Header.Get("Range") != "" {
+		// The origin sent no length: a range can only be resolved once the body is whole.
+		var err error
+		if size, err = f.WaitSize(ctx); err != nil {
+			if ctx.Err() == nil {
+				s.originUnavailable(w, req, "blob", err)
+			}
+			return
+		}
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", req.Digest.String())
+	h.Set("Etag", `"`+req.Digest.String()+`"`)
+	start, length := int64(0), int64(-1)
+	status := http.StatusOK
+	if size >= 0 {
+		h.Set("Accept-Ranges", "bytes")
+		rng, partial, ok := s.parseRange(w, r, size)
+		if !ok {
+			return
+		}
+		start, length = rng.Start, rng.Length()
+		h.Set("Content-Length", strconv.FormatInt(length, 10))
+		if partial {
+			h.Set("Content-Range", rng.ContentRange(size))
+			status = http.StatusPartialContent
+		}
+	}
+	w.WriteHeader(status)
+	if fl, ok := w.(http.Flusher); ok {
+		fl.Flush() // headers now: containerd gives up after 30 s without them
+	}
+	if length == 0 {
+		return
+	}
+	n, err := io.Copy(w, f.NewReader(ctx, start, length))
+	s.metrics.Sent(req.Registry, "fill", n)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.Warn("streaming fill to client failed", "registry", req.Registry, "digest", req.Digest, "sent", n, "error", err)
+		}
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// commitFill stores a verified fill, then records where it came from. The provenance
+// record goes last: it is what makes the blob servable for that registry.
+func (s *Server) commitFill(ctx context.Context, f *fill.Fill, spoolPath string) error {
+	size := f.Size()
+	var err error
+	if ad, ok := s.store.(storage.FileAdopter); ok {
+		err = ad.AdoptFile(ctx, f.Key.Digest, size, spoolPath)
+	} else {
+		var file *os.File
+		if file, err = os.Open(spoolPath); err == nil {
+			err = s.store.Put(ctx, f.Key.Digest, size, file)
+			file.Close()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	return s.recordProvenance(ctx, f.Key.Registry, f.Key.Digest)
+}
+
+func (s *Server) fillDone(f *fill.Fill, err error) {
+	result := "ok"
+	if err != nil {
+		result = "failed"
+		if errors.Is(err, fill.ErrRefused) {
+			result = "refused"
+		}
+	}
+	s.metrics.Fill(result, f.Elapsed())
+}

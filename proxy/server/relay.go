@@ -1,0 +1,116 @@
+package server
+
+import (
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/cove-oci/cove/proxy/httpx"
+	"github.com/cove-oci/cove/proxy/metrics"
+	"github.com/cove-oci/cove/proxy/route"
+)
+
+// relay writes an origin answer back to the client: status and allow-listed headers, and
+// body (nil: none). A GET answered with an error status but no body gets a distribution
+// error document, so clients always see a well-formed error.
+func relay(w http.ResponseWriter, r *http.Request, status int, header http.Header, body io.Reader) {
+	httpx.CopyRelayed(w.Header(), header)
+	if r.Method == http.MethodHead {
+		w.WriteHeader(status)
+		return
+	}
+	if body == nil {
+		if status >= 400 {
+			code := errorCode(status, r.URL.Path)
+			httpx.WriteError(w, status, code, "origin registry answered "+http.StatusText(status))
+			return
+		}
+		w.Header().Del("Content-Length")
+		w.WriteHeader(status)
+		return
+	}
+	w.WriteHeader(status)
+	if _, err := io.Copy(w, body); err != nil {
+		// A half-relayed body must look broken to the client, not complete.
+		panic(http.ErrAbortHandler)
+	}
+}
+
+func errorCode(status int, path string) string {
+	switch status {
+	case http.StatusUnauthorized:
+		return "UNAUTHORIZED"
+	case http.StatusForbidden:
+		return "DENIED"
+	case http.StatusNotFound:
+		if strings.Contains(path, "/manifests/") {
+			return "MANIFEST_UNKNOWN"
+		}
+		if strings.Contains(path, "/blobs/") {
+			return "BLOB_UNKNOWN"
+		}
+		return "NAME_UNKNOWN"
+	case http.StatusTooManyRequests:
+		return "TOOMANYREQUESTS"
+	}
+	return "UNKNOWN"
+}
+
+// resultForStatus is the metric result of relaying an origin's non-200 answer.
+func resultForStatus(status int) string {
+	switch {
+	case status == http.StatusUnauthorized || status == http.StatusForbidden || status == http.StatusNotFound:
+		return metrics.ResultDenied
+	case status >= 500:
+		return metrics.ResultError
+	}
+	return metrics.ResultPassthrough
+}
+
+// originUnavailable answers when the origin could not be asked. containerd moves on to
+// the next host (the origin itself) on any 5xx.
+func (s *Server) originUnavailable(w http.ResponseWriter, req *route.Request, op string, err error) {
+	s.log.Warn("origin unreachable", "registry", req.Registry, "repository", req.Repository, "operation", op, "error", err)
+	s.metrics.Request(op, metrics.ResultError)
+	httpx.WriteError(w, http.StatusBadGateway, "UNAVAILABLE", "origin registry "+req.Registry+" could not be reached")
+}
+
+// servePing answers /v2/. With ns= it relays the origin's own answer, so a client learns
+// the origin's authentication challenge; without, cove-cache answers for itself.
+func (s *Server) servePing(w http.ResponseWriter, r *http.Request, req *route.Request) {
+	if req.Registry == "" {
+		w.Header().Set("Content-Type", "application/json")
+		if r.Method == http.MethodGet {
+			_, _ = io.WriteString(w, "{}")
+		}
+		s.metrics.Request("ping", metrics.ResultHit)
+		return
+	}
+	s.servePassthrough(w, r, req)
+}
+
+// servePassthrough relays tags lists, referrers and pings: small, changing answers that
+// are not cached.
+func (s *Server) servePassthrough(w http.ResponseWriter, r *http.Request, req *route.Request) {
+	var path string
+	switch req.Kind {
+	case route.KindPing:
+		path = "/v2/"
+	case route.KindTags:
+		path = "/v2/" + req.Repository + "/tags/list"
+	case route.KindReferrers:
+		path = "/v2/" + req.Repository + "/referrers/" + req.Digest.String()
+	}
+	resp, err := s.origin.Do(r.Context(), r.Method, req.Registry, path, req.Query, r.Header, nil)
+	if err != nil {
+		s.originUnavailable(w, req, req.Kind.String(), err)
+		return
+	}
+	defer resp.Body.Close()
+	s.metrics.Request(req.Kind.String(), metrics.ResultPassthrough)
+	var body io.Reader = resp.Body
+	if r.Method == http.MethodHead {
+		body = nil
+	}
+	relay(w, r, resp.StatusCode, resp.Header, body)
+}

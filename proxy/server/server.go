@@ -1,0 +1,171 @@
+// Package server is cove-cache's HTTP front: the OCI distribution pull API over the
+// storage driver, the fill manager and the origin client.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/cove-oci/cove/proxy/fill"
+	"github.com/cove-oci/cove/proxy/httpx"
+	"github.com/cove-oci/cove/proxy/metrics"
+	"github.com/cove-oci/cove/proxy/origin"
+	"github.com/cove-oci/cove/proxy/route"
+	"github.com/cove-oci/cove/proxy/storage"
+)
+
+// Config holds what a Server is built from.
+type Config struct {
+	// Storage is where verified blobs and records live.
+	Storage storage.Driver
+	// SpoolDir holds in-flight fills. Put it on the same filesystem as a filesystem store
+	// so a verified fill is renamed into place, not copied.
+	SpoolDir string
+	// PlainHTTP lists origins (host:port) reached over plain HTTP.
+	PlainHTTP []string
+	// DefaultRegistry receives requests that name no registry (default docker.io).
+	DefaultRegistry string
+	// AuthzTTL is how long an origin's yes for (credential, registry, repository, digest)
+	// is remembered (default 10 s). A no is never remembered.
+	AuthzTTL time.Duration
+	// StallTimeout fails a fill whose origin sends nothing for this long (default 30 s).
+	StallTimeout time.Duration
+	// Transport overrides the origin transport (tests).
+	Transport http.RoundTripper
+	Logger    *slog.Logger
+}
+
+// Server serves the distribution API.
+type Server struct {
+	store   storage.Driver
+	router  route.Router
+	origin  *origin.Client
+	fills   *fill.Manager
+	metrics *metrics.Metrics
+	authz   *authzCache
+	log     *slog.Logger
+	mux     *http.ServeMux
+}
+
+// New builds a Server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Storage == nil {
+		return nil, errors.New("server: no storage driver")
+	}
+	if cfg.SpoolDir == "" {
+		return nil, errors.New("server: no spool directory")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.AuthzTTL == 0 {
+		cfg.AuthzTTL = 10 * time.Second
+	}
+	if cfg.StallTimeout == 0 {
+		cfg.StallTimeout = 30 * time.Second
+	}
+	s := &Server{
+		store:  cfg.Storage,
+		router: route.Router{DefaultRegistry: cfg.DefaultRegistry},
+		authz:  newAuthzCache(cfg.AuthzTTL),
+		log:    cfg.Logger,
+	}
+	var fills *fill.Manager
+	s.metrics = metrics.New(func() int {
+		if fills == nil {
+			return 0
+		}
+		return fills.InFlight()
+	})
+	opts := []origin.Option{
+		origin.WithPlainHTTP(cfg.PlainHTTP...),
+		origin.WithObserver(s.metrics.OriginRequest),
+	}
+	if cfg.Transport != nil {
+		opts = append(opts, origin.WithTransport(cfg.Transport))
+	}
+	s.origin = origin.New(opts...)
+	var err error
+	fills, err = fill.NewManager(filepath.Clean(cfg.SpoolDir), s.commitFill,
+		fill.WithStallTimeout(cfg.StallTimeout),
+		fill.WithLogger(cfg.Logger),
+		fill.WithOriginBytes(s.metrics.FromOrigin),
+		fill.WithDone(s.fillDone),
+	)
+	if err != nil {
+		return nil, err
+	}
+	s.fills = fills
+
+	s.mux = http.NewServeMux()
+	s.mux.HandleFunc("/v2/", s.serveDistribution)
+	s.mux.HandleFunc("/v2", s.serveDistribution)
+	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
+	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	s.mux.HandleFunc("GET /readyz", s.serveReady)
+	return s, nil
+}
+
+// Metrics exposes the collectors (tests read them).
+func (s *Server) Metrics() *metrics.Metrics { return s.metrics }
+
+// Fills exposes the fill manager (tests wait for fills to settle).
+func (s *Server) Fills() *fill.Manager { return s.fills }
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// serveReady answers 200 when storage answers.
+func (s *Server) serveReady(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if _, err := s.store.GetRecord(ctx, "readyz-probe"); err != nil && !isNotFound(err) {
+		http.Error(w, "storage not ready", http.StatusServiceUnavailable)
+		return
+	}
+	fmt.Fprintln(w, "ok")
+}
+
+func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Docker-Distribution-Api-Version", "registry/2.0")
+	req, err := s.router.Parse(r.URL.EscapedPath(), r.URL.RawQuery)
+	if err != nil {
+		s.metrics.Request("unknown", metrics.ResultInvalid)
+		var rerr *route.Error
+		if errors.As(err, &rerr) {
+			status := http.StatusBadRequest
+			if rerr.Code == "UNSUPPORTED" {
+				status = http.StatusNotFound
+			}
+			httpx.WriteError(w, status, rerr.Code, rerr.Message)
+			return
+		}
+		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", "invalid request")
+		return
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		s.metrics.Request(req.Kind.String(), metrics.ResultInvalid)
+		w.Header().Set("Allow", "GET, HEAD")
+		httpx.WriteError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "cove-cache serves pulls only: push to the origin registry")
+		return
+	}
+	if req.ViaNamespace {
+		w.Header().Set("Oci-Namespace", req.Registry)
+	}
+	switch req.Kind {
+	case route.KindPing:
+		s.servePing(w, r, req)
+	case route.KindBlob:
+		s.serveBlob(w, r, req)
+	case route.KindManifest:
+		s.serveManifest(w, r, req)
+	case route.KindTags, route.KindReferrers:
+		s.servePassthrough(w, r, req)
+	}
+}

@@ -1,0 +1,6 @@
+package filesystem
+
+import "syscall"
+
+// errXDev is rename(2)'s answer across filesystems.
+var errXDev = syscall.EXDEV
