@@ -1,0 +1,198 @@
+package peers
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	buildOnce sync.Once
+	buildDir  string
+	buildErr  error
+)
+
+// CoveBinary builds cmd/NAME (cove-cache, cove-node) from this checkout once per test
+// binary and returns its path: end-to-end tests run the real program, kill -9 included.
+func CoveBinary(t testing.TB, name string) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		buildDir, buildErr = os.MkdirTemp("", "cove-bin-")
+		if buildErr != nil {
+			return
+		}
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		for _, n := range []string{"cove-cache", "cove-node"} {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(buildDir, n), "./cmd/"+n)
+			cmd.Dir = root
+			if out, err := cmd.CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("go build ./cmd/%s: %v\n%s", n, err, out)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("peers: %v", buildErr)
+	}
+	return filepath.Join(buildDir, name)
+}
+
+// Cove is a running cove-cache process.
+type Cove struct {
+	// Addr is 127.0.0.1:PORT; URL is http://Addr.
+	Addr, URL string
+	// StorageDir is the --storage-dir it runs on; a restart on the same dir keeps the cache.
+	StorageDir string
+	LogPath    string
+
+	args []string
+	proc *proc
+}
+
+// StartCove runs cove-cache serve on a free loopback port over storageDir (a new temp dir
+// when empty), with extra flags (for example --origin-plain-http ADDR), and stops it at
+// cleanup.
+func StartCove(t testing.TB, storageDir string, extra ...string) *Cove {
+	t.Helper()
+	if storageDir == "" {
+		storageDir = t.TempDir()
+	}
+	c := &Cove{StorageDir: storageDir, args: extra}
+	c.start(t)
+	t.Cleanup(c.Stop)
+	return c
+}
+
+func (c *Cove) start(t testing.TB) {
+	t.Helper()
+	bin := CoveBinary(t, "cove-cache")
+	logDir := t.TempDir()
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			t.Fatalf("peers: %v", err)
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		logPath := filepath.Join(logDir, fmt.Sprintf("cove-cache-%d.log", attempt))
+		args := append([]string{"serve", "--addr", addr, "--storage-dir", c.StorageDir}, c.args...)
+		p, err := startProc("cove-cache", bin, args, cleanEnv(), logPath, logPath, 10*time.Second)
+		if err != nil {
+			t.Fatalf("peers: start cove-cache: %v", err)
+		}
+		if err := waitHTTP(p, "http://"+addr+"/readyz", 10*time.Second); err != nil {
+			p.stop()
+			lastErr = fmt.Errorf("cove-cache did not become ready: %v\n%s", err, logTail(logPath, 30))
+			if strings.Contains(logTail(logPath, 5), "address already in use") {
+				continue
+			}
+			break
+		}
+		c.Addr, c.URL, c.LogPath, c.proc = addr, "http://"+addr, logPath, p
+		return
+	}
+	t.Fatalf("peers: %v", lastErr)
+}
+
+// Stop ends cove-cache with SIGTERM (graceful), idempotently.
+func (c *Cove) Stop() {
+	if c.proc != nil {
+		c.proc.stop()
+	}
+}
+
+// Kill9 kills cove-cache at once, as a crash would, and waits for it to be gone.
+func (c *Cove) Kill9() {
+	if c.proc == nil {
+		return
+	}
+	_ = syscall.Kill(-c.proc.cmd.Process.Pid, syscall.SIGKILL)
+	<-c.proc.done
+}
+
+// Restart starts cove-cache again on the same storage directory and flags (a new port).
+func (c *Cove) Restart(t testing.TB) {
+	t.Helper()
+	c.Stop()
+	c.start(t)
+}
+
+// Pid is the process id (for peak-RSS readings).
+func (c *Cove) Pid() int { return c.proc.cmd.Process.Pid }
+
+// Metric returns the sum of every sample of the Prometheus metric name whose labels
+// contain all of the given label="value" pairs.
+func (c *Cove) Metric(t testing.TB, name string, labels ...string) float64 {
+	t.Helper()
+	resp, err := http.Get(c.URL + "/metrics")
+	if err != nil {
+		t.Fatalf("peers: metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name) || strings.HasPrefix(line, "#") {
+			continue
+		}
+		rest := line[len(name):]
+		if rest != "" && rest[0] != '{' && rest[0] != ' ' {
+			continue // a longer metric name
+		}
+		ok := true
+		for _, l := range labels {
+			if !strings.Contains(rest, l) {
+				ok = false
+			}
+		}
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest[strings.LastIndex(rest, "}")+1:])
+		if len(f) == 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(f[0], 64)
+		if err == nil {
+			sum += v
+		}
+	}
+	return sum
+}
+
+// Logs returns cove-cache's log lines parsed as JSON objects (the default format).
+func (c *Cove) Logs(t testing.TB) []map[string]any {
+	t.Helper()
+	f, err := os.Open(c.LogPath)
+	if err != nil {
+		t.Fatalf("peers: %v", err)
+	}
+	defer f.Close()
+	var out []map[string]any
+	dec := json.NewDecoder(f)
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); err == io.EOF {
+			break
+		} else if err != nil {
+			break
+		}
+		out = append(out, m)
+	}
+	return out
+}
