@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -277,5 +278,42 @@ func TestKillDuringFill(t *testing.T) {
 				t.Fatalf("after restart the blob was not fetched again (misses %v)", misses)
 			}
 		})
+	}
+}
+
+// containerd answers cove-cache's relayed 401 with the user's credentials, which
+// cove-cache passes to the origin; no credential reaches cove-cache's logs.
+func TestAuthenticatedPull(t *testing.T) {
+	ctx := testCtx(t)
+	origin := peers.StartRegistry(t, peers.WithHtpasswd("alice", "alice-secret-1"))
+	img := peers.PushRandomImage(t, origin.Addr, "team/private:v1", 2, 1<<20, peers.WithPushAuth("alice", "alice-secret-1"))
+	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr, "--log-level", "debug")
+
+	anon := peers.StartContainerd(t, peers.WithMirror(cove.URL))
+	if err := anon.Pull(ctx, img.Ref); err == nil {
+		t.Fatal("anonymous pull of a private image succeeded")
+	}
+	for i := range 2 { // cold, then from the cache
+		node := peers.StartContainerd(t, peers.WithMirror(cove.URL))
+		if err := node.Pull(ctx, img.Ref, "--user", "alice:alice-secret-1"); err != nil {
+			t.Fatalf("pull %d: %v", i, err)
+		}
+		checkPulled(t, ctx, node, img)
+	}
+	if hits := cove.Metric(t, "cove_requests_total", `operation="blob"`, `result="hit"`); hits < 3 {
+		t.Fatalf("second authenticated pull was not served from the cache (hits %v)", hits)
+	}
+	if denied := cove.Metric(t, "cove_requests_total", `result="denied"`); denied == 0 {
+		t.Fatal("no request was denied: the anonymous pull never reached cove-cache")
+	}
+	cove.Stop()
+	logs, err := os.ReadFile(cove.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, secret := range []string{"alice-secret-1", "YWxpY2U6YWxpY2Utc2VjcmV0LTE"} {
+		if strings.Contains(string(logs), secret) {
+			t.Fatalf("a credential (%s...) appears in cove-cache's logs", secret[:6])
+		}
 	}
 }

@@ -332,11 +332,13 @@ func (c *Containerd) failure(what string, out []byte, err error) error {
 }
 
 // Pull pulls and unpacks ref with `ctr image pull --hosts-dir HostsDir`, the transfer
-// service path. A plain-HTTP origin on 127.0.0.1:PORT needs no flag: containerd
+// service path; extraArgs go before the reference (for example --user NAME:PASSWORD).
+// A plain-HTTP origin on 127.0.0.1:PORT needs no flag: containerd
 // treats loopback hosts on a port other than 443 as HTTPS-then-HTTP
 // (core/remotes/docker/config/hosts.go), the same rule CRI pulls get.
-func (c *Containerd) Pull(ctx context.Context, ref string) error {
-	out, err := c.ctr(ctx, "image", "pull", "--hosts-dir", c.HostsDir, ref)
+func (c *Containerd) Pull(ctx context.Context, ref string, extraArgs ...string) error {
+	args := append([]string{"image", "pull", "--hosts-dir", c.HostsDir}, extraArgs...)
+	out, err := c.ctr(ctx, append(args, ref)...)
 	if err != nil {
 		return c.failure("ctr image pull "+ref, out, err)
 	}

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -43,7 +44,7 @@ type Image struct {
 // content being incompressible, the bytes on the wire are really about layerSize.
 // The gzip stream uses stored (uncompressed) deflate blocks: valid for every
 // decompressor, and it keeps large benchmark images cheap to build.
-func PushRandomImage(t testing.TB, registryAddr, repoAndTag string, layers int, layerSize int64) Image {
+func PushRandomImage(t testing.TB, registryAddr, repoAndTag string, layers int, layerSize int64, opts ...PushOption) Image {
 	t.Helper()
 	if layers < 1 {
 		t.Fatalf("peers: PushRandomImage needs at least one layer")
@@ -80,7 +81,11 @@ func PushRandomImage(t testing.TB, registryAddr, repoAndTag string, layers int, 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if err := remote.Write(ref, img, remote.WithContext(ctx)); err != nil {
+	ropts := []remote.Option{remote.WithContext(ctx)}
+	for _, o := range opts {
+		ropts = append(ropts, o.remote)
+	}
+	if err := remote.Write(ref, img, ropts...); err != nil {
 		t.Fatalf("peers: push %s: %v", out.Ref, err)
 	}
 	d, err := img.Digest()
@@ -93,6 +98,14 @@ func PushRandomImage(t testing.TB, registryAddr, repoAndTag string, layers int, 
 	}
 	out.Digest, out.Config = d.String(), c.String()
 	return out
+}
+
+// PushOption configures PushRandomImage.
+type PushOption struct{ remote remote.Option }
+
+// WithPushAuth pushes with HTTP basic credentials (for WithHtpasswd registries).
+func WithPushAuth(user, password string) PushOption {
+	return PushOption{remote: remote.WithAuth(&authn.Basic{Username: user, Password: password})}
 }
 
 // fileLayer is a gzip tar layer stored in a file, with digests computed while writing.

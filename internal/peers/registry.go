@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/bcrypt"
 )
 
 // Registry is a running distribution registry v3: the origin in tests, or with
@@ -41,6 +43,19 @@ type RegistryOption func(*registryConfig)
 
 type registryConfig struct {
 	proxyRemote string
+	users       map[string]string
+}
+
+// WithHtpasswd makes the registry require HTTP basic authentication for user (it
+// answers 401 with a Basic challenge otherwise): an origin whose answers depend on the
+// client's credentials. Repeatable.
+func WithHtpasswd(user, password string) RegistryOption {
+	return func(c *registryConfig) {
+		if c.users == nil {
+			c.users = map[string]string{}
+		}
+		c.users[user] = password
+	}
 }
 
 // WithProxyRemote runs the registry in pull-through proxy mode in front of url (for
@@ -106,6 +121,21 @@ http:
 	if cfg.proxyRemote != "" {
 		conf += fmt.Sprintf("proxy:\n  remoteurl: %s\n", cfg.proxyRemote)
 	}
+	if len(cfg.users) > 0 {
+		var lines strings.Builder
+		for user, pass := range cfg.users {
+			hash, err := bcrypt.GenerateFromPassword([]byte(pass), bcrypt.MinCost)
+			if err != nil {
+				return nil, err
+			}
+			fmt.Fprintf(&lines, "%s:%s\n", user, hash)
+		}
+		htpasswd := filepath.Join(dir, "htpasswd")
+		if err := os.WriteFile(htpasswd, []byte(lines.String()), 0o600); err != nil {
+			return nil, err
+		}
+		conf += fmt.Sprintf("auth:\n  htpasswd:\n    realm: cove-test\n    path: %s\n", htpasswd)
+	}
 	confPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		return nil, err
@@ -124,7 +154,7 @@ http:
 		return nil, err
 	}
 	r.proc = p
-	if err := waitHTTP(p, r.URL+"/v2/", 15*time.Second); err != nil {
+	if err := waitHTTP(p, r.URL+"/v2/", 15*time.Second, len(cfg.users) > 0); err != nil {
 		p.stop()
 		return nil, fmt.Errorf("registry at %s did not start: %v\nregistry log %s (tail):\n%s",
 			addr, err, p.logPath, logTail(p.logPath, 30))
@@ -133,7 +163,8 @@ http:
 }
 
 // waitHTTP polls url until it answers 200, the process exits, or timeout passes.
-func waitHTTP(p *proc, url string, timeout time.Duration) error {
+// With authRequired, a 401 also means ready.
+func waitHTTP(p *proc, url string, timeout time.Duration, authRequired ...bool) error {
 	client := &http.Client{Timeout: time.Second}
 	deadline := time.Now().Add(timeout)
 	var lastErr error
@@ -144,7 +175,7 @@ func waitHTTP(p *proc, url string, timeout time.Duration) error {
 		resp, err := client.Get(url)
 		if err == nil {
 			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
+			if resp.StatusCode == http.StatusOK || len(authRequired) > 0 && authRequired[0] && resp.StatusCode == http.StatusUnauthorized {
 				return nil
 			}
 			err = fmt.Errorf("GET %s: %s", url, resp.Status)

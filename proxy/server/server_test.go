@@ -3,6 +3,7 @@ package server_test
 import (
 	"bytes"
 	"compress/gzip"
+	"encoding/base64"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -432,5 +433,61 @@ func TestPassthroughAndEndpoints(t *testing.T) {
 		if !strings.Contains(string(metrics), m) {
 			t.Errorf("metrics lack %s", m)
 		}
+	}
+}
+
+// Credentials go to the origin; its 401 and challenge come back unchanged; and a cached
+// object is served only to a client the origin accepts.
+func TestCredentialsPassThrough(t *testing.T) {
+	origin := peers.StartRegistry(t, peers.WithHtpasswd("alice", "alice-secret"))
+	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 1, 64<<10, peers.WithPushAuth("alice", "alice-secret"))
+	c := newCache(t, origin.Addr)
+	alice := "Basic " + base64.StdEncoding.EncodeToString([]byte("alice:alice-secret"))
+	mallory := "Basic " + base64.StdEncoding.EncodeToString([]byte("alice:guess"))
+	manifest := c.url(origin.Addr, "/v2/team/app/manifests/v1")
+	layer := c.url(origin.Addr, "/v2/team/app/blobs/"+img.Layers[0])
+
+	originResp, _, err := do(t, http.MethodGet, origin.URL+"/v2/team/app/manifests/v1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check401 := func(u string, hdr map[string]string) {
+		t.Helper()
+		resp, body, err := do(t, http.MethodGet, u, hdr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 401 {
+			t.Fatalf("GET %s: %d, want 401", u, resp.StatusCode)
+		}
+		if got, want := resp.Header.Get("Www-Authenticate"), originResp.Header.Get("Www-Authenticate"); got != want || got == "" {
+			t.Fatalf("challenge = %q, want the origin's %q", got, want)
+		}
+		if sha(body) == img.Layers[0] {
+			t.Fatal("blob bytes in a 401")
+		}
+	}
+	// Cold, without or with wrong credentials: the origin's 401 comes back; nothing stored.
+	check401(manifest, map[string]string{"Accept": acceptManifests})
+	check401(layer, nil)
+	check401(layer, map[string]string{"Authorization": mallory})
+	c.settle(t)
+	if _, err := c.store.Stat(context.Background(), digest.Digest(img.Layers[0])); !errdefs.IsNotFound(err) {
+		t.Fatal("blob stored from a refused fill")
+	}
+	// With credentials: served and cached.
+	mustGet(t, manifest, map[string]string{"Accept": acceptManifests, "Authorization": alice}, 200)
+	_, body := mustGet(t, layer, map[string]string{"Authorization": alice}, 200)
+	if sha(body) != img.Layers[0] {
+		t.Fatal("wrong blob")
+	}
+	c.settle(t)
+	// Cached now, and still refused to anyone the origin refuses.
+	check401(layer, nil)
+	check401(layer, map[string]string{"Authorization": mallory})
+	check401(c.url(origin.Addr, "/v2/team/app/manifests/"+img.Digest), map[string]string{"Accept": acceptManifests})
+	_, body = mustGet(t, layer, map[string]string{"Authorization": alice}, 200)
+	if sha(body) != img.Layers[0] {
+		t.Fatal("wrong cached blob")
 	}
 }
