@@ -3,9 +3,9 @@ package server_test
 import (
 	"bytes"
 	"compress/gzip"
-	"encoding/base64"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
