@@ -171,7 +171,7 @@ func TestConcurrentLayerFetchBuffer(t *testing.T) {
 			opts = append(opts, withLocalImagePull())
 		}
 		c := StartContainerd(t, opts...)
-		pull := c.Pull
+		pull := func(ctx context.Context, ref string) error { return c.Pull(ctx, ref) }
 		if path != "ctr" {
 			pull = c.CrictlPull
 		}

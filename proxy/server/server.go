@@ -133,6 +133,17 @@ func (s *Server) serveReady(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
+	if s.log.Enabled(r.Context(), slog.LevelDebug) {
+		rec := &recorder{ResponseWriter: w}
+		start := time.Now()
+		defer func() {
+			s.logRequest(r, rec, start)
+			if p := recover(); p != nil {
+				panic(p) // http.ErrAbortHandler: the log line is written, the abort goes on
+			}
+		}()
+		w = rec
+	}
 	w.Header().Set("Docker-Distribution-Api-Version", "registry/2.0")
 	req, err := s.router.Parse(r.URL.EscapedPath(), r.URL.RawQuery)
 	if err != nil {

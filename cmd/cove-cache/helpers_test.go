@@ -1,0 +1,5 @@
+package main
+
+import "os"
+
+func writeFile(path string) error { return os.WriteFile(path, []byte("x"), 0o600) }
