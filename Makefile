@@ -25,8 +25,8 @@ test: tools
 	$(MAKE) fuzz
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./proxy/route
-	$(GO) test -run '^$$' -fuzz '^FuzzParseRange$$' -fuzztime $(FUZZTIME) ./proxy/httpx
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./proxy/route
+	$(GO) test -run '^$$' -fuzz '^FuzzParseRange$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./proxy/httpx
 
 # Benchmarks print ratios against anchors measured in the same run; see docs/benchmarks.md.
 bench: tools build

@@ -243,8 +243,11 @@ func (s *Server) streamFill(w http.ResponseWriter, r *http.Request, req *route.R
 	n, err := io.Copy(w, f.NewReader(ctx, start, length))
 	s.metrics.Sent(req.Registry, "fill", n)
 	if err != nil {
-		if ctx.Err() == nil {
-			s.log.Warn("streaming fill to client failed", "registry", req.Registry, "digest", req.Digest, "sent", n, "error", err)
+		if errors.Is(err, fill.ErrFailed) {
+			s.log.Warn("fill failed while streaming to a client", "registry", req.Registry, "digest", req.Digest, "sent", n, "error", err)
+		} else {
+			// The client left: containerd's ranged fetches close each range early.
+			s.log.Debug("client stopped reading a fill", "registry", req.Registry, "digest", req.Digest, "sent", n, "error", err)
 		}
 		panic(http.ErrAbortHandler)
 	}
