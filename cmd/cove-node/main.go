@@ -1,40 +1,176 @@
-// Command cove-node is the node agent that runs beside containerd on every node: the
-// resolver hook (containerd's _default registry mirror), the content hook, and fast
-// fallback to the origin. It is being built; this release has only 'version'.
+// Command cove-node is the cove agent beside containerd on every node: the resolver hook
+// (containerd's _default registry mirror on loopback) with fast fallback to the origin.
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
+	"net/url"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
 
 	"github.com/cove-oci/cove/internal/version"
+	"github.com/cove-oci/cove/plugin/mirror"
+	"github.com/cove-oci/cove/plugin/node"
+	"github.com/cove-oci/cove/proxy/route"
 )
 
 const usage = `cove-node: the cove agent beside containerd on every node.
 
 Usage:
-  cove-node version   print the version
-
-The resolver hook, content hook and 'serve' are not in this release; until then point
-containerd's _default hosts.toml mirror at cove-cache directly (see docs/operations.md).
+  cove-node serve [flags]   run the resolver hook (see 'cove-node serve -h')
+  cove-node version         print the version
 `
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 1 && (args[0] == "version" || args[0] == "--version") {
-		fmt.Fprintln(stdout, "cove-node", version.Version)
-		return 0
-	}
-	if len(args) == 1 && (args[0] == "help" || args[0] == "-h" || args[0] == "--help") {
-		fmt.Fprint(stdout, usage)
-		return 0
-	}
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2
 	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stderr)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "cove-node", version.Version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
 	fmt.Fprintf(stderr, "cove-node: unknown command %q\n\n%s", args[0], usage)
 	return 2
+}
+
+type repeated []string
+
+func (r *repeated) String() string     { return strings.Join(*r, ",") }
+func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
+
+type options struct {
+	addr          string
+	caches        repeated
+	root          string
+	contentSocket string
+	plainHTTP     repeated
+	cfg           mirror.Config
+	logLevel      string
+	logFormat     string
+}
+
+func parseServe(args []string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("cove-node serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.addr, "addr", "127.0.0.1:5006", "loopback `HOST:PORT` of the resolver hook (containerd's _default mirror)")
+	fs.Var(&o.caches, "cache", "cove-cache base `URL` (repeatable, tried in order)")
+	fs.StringVar(&o.root, "root", "/var/lib/cove-node", "state `DIR`")
+	fs.StringVar(&o.contentSocket, "content-socket", "", "unix socket `PATH` of the content hook (not in this release)")
+	fs.Var(&o.plainHTTP, "origin-plain-http", "reach this origin `HOST:PORT` over plain HTTP when falling back (repeatable)")
+	fs.DurationVar(&o.cfg.ConnectTimeout, "connect-timeout", 300*time.Millisecond, "bound on connecting to cove-cache")
+	fs.DurationVar(&o.cfg.HeaderTimeout, "header-timeout", 2*time.Second, "wait for cove-cache's response headers before probing its health")
+	fs.DurationVar(&o.cfg.StallTimeout, "stall-timeout", 5*time.Second, "wait for body bytes before probing cove-cache's health")
+	fs.DurationVar(&o.cfg.SlowOriginTimeout, "slow-origin-timeout", 25*time.Second, "longest wait on a healthy cove-cache whose origin is slow")
+	fs.DurationVar(&o.cfg.ProbeTimeout, "probe-timeout", 300*time.Millisecond, "bound on one health probe of cove-cache")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	host, _, err := net.SplitHostPort(o.addr)
+	if err != nil {
+		return nil, fmt.Errorf("--addr %q: want HOST:PORT: %v", o.addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return nil, fmt.Errorf("--addr %q: the resolver hook serves this node's containerd only: use a loopback address", o.addr)
+	}
+	for _, c := range o.caches {
+		u, err := url.Parse(c)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+			return nil, fmt.Errorf("--cache %q: want http(s)://HOST:PORT", c)
+		}
+	}
+	for i, h := range o.plainHTTP {
+		norm, err := route.NormalizeHost(h)
+		if err != nil || strings.Contains(h, "/") {
+			return nil, fmt.Errorf("--origin-plain-http %q: want a registry HOST:PORT", h)
+		}
+		o.plainHTTP[i] = norm
+	}
+	if o.contentSocket != "" {
+		return nil, errors.New("--content-socket: the content hook is not in this release; run without it (mirror-only mode)")
+	}
+	for name, d := range map[string]time.Duration{
+		"--connect-timeout": o.cfg.ConnectTimeout, "--header-timeout": o.cfg.HeaderTimeout, "--stall-timeout": o.cfg.StallTimeout,
+		"--slow-origin-timeout": o.cfg.SlowOriginTimeout, "--probe-timeout": o.cfg.ProbeTimeout,
+	} {
+		if d <= 0 {
+			return nil, fmt.Errorf("%s must be positive", name)
+		}
+	}
+	if o.cfg.SlowOriginTimeout < o.cfg.HeaderTimeout {
+		return nil, errors.New("--slow-origin-timeout must not be shorter than --header-timeout")
+	}
+	o.cfg.Caches = o.caches
+	o.cfg.PlainHTTP = o.plainHTTP
+	return o, nil
+}
+
+func newLogger(level, format string, w io.Writer) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want json or text", format)
+}
+
+func serve(args []string, stderr io.Writer) int {
+	o, err := parseServe(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "cove-node serve: %v\n", err)
+		return 2
+	}
+	log, err := newLogger(o.logLevel, o.logFormat, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "cove-node serve: %v\n", err)
+		return 2
+	}
+	if err := os.MkdirAll(o.root, 0o750); err != nil {
+		log.Error("creating state directory failed", "root", o.root, "error", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	agent, err := node.Start(ctx, node.Config{Addr: o.addr, Mirror: o.cfg, Logger: log})
+	if err != nil {
+		log.Error("starting cove-node failed", "error", err)
+		return 1
+	}
+	log.Info("cove-node serving", "addr", agent.Addr, "version", version.Version)
+	<-ctx.Done()
+	log.Info("shutting down")
+	agent.Close()
+	return 0
 }

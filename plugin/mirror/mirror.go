@@ -1,0 +1,498 @@
+// Package mirror is cove-node's resolver hook: the OCI distribution endpoint on loopback
+// that containerd uses as its _default registry mirror. It forwards every pull request to
+// cove-cache and, when cove-cache is down, hung or stalling, finishes the request from the
+// origin itself within bounded times, resuming a half-sent blob with a Range request, so
+// containerd never sees cove fail.
+//
+// Waiting is bounded twice. A first, short bound (HeaderTimeout, StallTimeout) triggers a
+// health probe of cove-cache. A dead or hung cache fails the probe and the request moves to
+// the origin at once. A healthy cache means the origin behind it is slow (a cold fill), and
+// then the request keeps waiting up to a long bound: falling back there would send every
+// node to the slow origin at once, the egress storm the cache exists to prevent.
+package mirror
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/cove-oci/cove/plugin/breaker"
+	"github.com/cove-oci/cove/proxy/httpx"
+	"github.com/cove-oci/cove/proxy/origin"
+	"github.com/cove-oci/cove/proxy/route"
+)
+
+// Config configures the resolver hook. Zero durations take the defaults.
+type Config struct {
+	// Caches are cove-cache base URLs (http://host:port), tried in order.
+	Caches []string
+	// PlainHTTP lists origins (host:port) reached over plain HTTP when falling back.
+	PlainHTTP []string
+	// ConnectTimeout bounds the TCP connect to cove-cache (default 300 ms).
+	ConnectTimeout time.Duration
+	// HeaderTimeout is how long to wait for cove-cache's response headers before probing
+	// its health (default 2 s).
+	HeaderTimeout time.Duration
+	// StallTimeout is how long a body may send nothing before probing (default 5 s).
+	StallTimeout time.Duration
+	// SlowOriginTimeout bounds the wait on a healthy cove-cache whose origin is slow, for
+	// headers and for body stalls alike (default 25 s: containerd gives up on response
+	// headers after 30 s).
+	SlowOriginTimeout time.Duration
+	// ProbeTimeout bounds one health probe (default 300 ms).
+	ProbeTimeout time.Duration
+	// Transport overrides the transport to cove-cache (tests); OriginTransport, to origins.
+	Transport       http.RoundTripper
+	OriginTransport http.RoundTripper
+	Logger          *slog.Logger
+	// Observe is called once per request with where it was served from ("cache",
+	// "origin") and, for origin, why ("breaker-open", "connect", "headers", "status",
+	// "stall", "no-cache"); resumed is true when a body was finished from the origin.
+	Observe func(servedBy, reason string, resumed bool)
+}
+
+func (c *Config) defaults() {
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = 300 * time.Millisecond
+	}
+	if c.HeaderTimeout == 0 {
+		c.HeaderTimeout = 2 * time.Second
+	}
+	if c.StallTimeout == 0 {
+		c.StallTimeout = 5 * time.Second
+	}
+	if c.SlowOriginTimeout == 0 {
+		c.SlowOriginTimeout = 25 * time.Second
+	}
+	if c.ProbeTimeout == 0 {
+		c.ProbeTimeout = 300 * time.Millisecond
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Observe == nil {
+		c.Observe = func(string, string, bool) {}
+	}
+}
+
+// Handler serves the distribution pull API for containerd.
+type Handler struct {
+	cfg    Config
+	caches []*cacheEndpoint
+	origin *origin.Client
+	router route.Router
+	log    *slog.Logger
+}
+
+type cacheEndpoint struct {
+	base    string
+	client  *http.Client
+	probe   func(ctx context.Context) bool
+	breaker *breaker.Breaker
+}
+
+// New builds the resolver hook.
+func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
+	cfg.defaults()
+	h := &Handler{cfg: cfg, log: cfg.Logger}
+	for _, raw := range cfg.Caches {
+		base := strings.TrimRight(raw, "/")
+		if !strings.HasPrefix(base, "http://") && !strings.HasPrefix(base, "https://") {
+			return nil, fmt.Errorf("cache URL %q: want http:// or https://", raw)
+		}
+		rt := cfg.Transport
+		if rt == nil {
+			rt = &http.Transport{
+				DialContext:         (&net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext,
+				MaxIdleConnsPerHost: 64,
+				IdleConnTimeout:     90 * time.Second,
+				DisableCompression:  true,
+				TLSHandshakeTimeout: 2 * time.Second,
+			}
+		}
+		client := &http.Client{
+			Transport: rt,
+			// The cache answers for itself; a redirect is not something to follow blindly.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+		probe := breaker.HealthProbe(client, base+"/healthz")
+		ep := &cacheEndpoint{base: base, client: client, probe: probe}
+		ep.breaker = breaker.New(probe, append([]breaker.Option{breaker.WithOnChange(func(open bool) {
+			if open {
+				h.log.Warn("cove-cache unhealthy: pulls go to the origin", "cache", base)
+			} else {
+				h.log.Info("cove-cache back", "cache", base)
+			}
+		})}, opts...)...)
+		h.caches = append(h.caches, ep)
+	}
+	oopts := []origin.Option{origin.WithPlainHTTP(cfg.PlainHTTP...)}
+	if cfg.OriginTransport != nil {
+		oopts = append(oopts, origin.WithTransport(cfg.OriginTransport))
+	}
+	h.origin = origin.New(oopts...)
+	return h, nil
+}
+
+// BreakerOpen reports, per cache URL, whether requests bypass it now.
+func (h *Handler) BreakerOpen() map[string]bool {
+	m := map[string]bool{}
+	for _, ep := range h.caches {
+		m[ep.base] = ep.breaker.Open()
+	}
+	return m
+}
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Docker-Distribution-Api-Version", "registry/2.0")
+	req, err := h.router.Parse(r.URL.EscapedPath(), r.URL.RawQuery)
+	if err != nil {
+		var rerr *route.Error
+		if errors.As(err, &rerr) {
+			httpx.WriteError(w, http.StatusBadRequest, rerr.Code, rerr.Message)
+			return
+		}
+		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", "invalid request")
+		return
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		// hosts.toml gives this mirror pull and resolve only; a push here is a mistake.
+		w.Header().Set("Allow", "GET, HEAD")
+		httpx.WriteError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "cove-node serves pulls only")
+		return
+	}
+	if req.Kind == route.KindPing && req.Registry == "" {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, "{}")
+		return
+	}
+	reason := "no-cache"
+	for _, ep := range h.caches {
+		if !ep.breaker.Allow() {
+			reason = "breaker-open"
+			continue
+		}
+		done, why := h.tryCache(w, r, req, ep)
+		if done {
+			return
+		}
+		reason = why
+	}
+	h.serveOrigin(w, r, req, reason)
+}
+
+// originPath is the distribution API path of req at its origin.
+func originPath(req *route.Request) string {
+	switch req.Kind {
+	case route.KindManifest:
+		ref := req.Tag
+		if req.Digest != "" {
+			ref = req.Digest.String()
+		}
+		return "/v2/" + req.Repository + "/manifests/" + ref
+	case route.KindBlob:
+		return "/v2/" + req.Repository + "/blobs/" + req.Digest.String()
+	case route.KindTags:
+		return "/v2/" + req.Repository + "/tags/list"
+	case route.KindReferrers:
+		return "/v2/" + req.Repository + "/referrers/" + req.Digest.String()
+	}
+	return "/v2/"
+}
+
+type result struct {
+	resp *http.Response
+	err  error
+}
+
+// tryCache sends the request to one cove-cache. done is true when the client has been
+// answered (or has gone); otherwise nothing was written and why says what failed.
+func (h *Handler) tryCache(w http.ResponseWriter, r *http.Request, req *route.Request, ep *cacheEndpoint) (done bool, why string) {
+	ctx, cancel := context.WithCancelCause(r.Context())
+	u := ep.base + r.URL.EscapedPath()
+	if r.URL.RawQuery != "" {
+		u += "?" + r.URL.RawQuery
+	}
+	creq, err := http.NewRequestWithContext(ctx, r.Method, u, nil)
+	if err != nil {
+		cancel(err)
+		return false, "request"
+	}
+	creq.Header = httpx.OriginRequestHeaders(r.Header)
+	if rg := r.Header.Get("Range"); rg != "" {
+		creq.Header.Set("Range", rg)
+	}
+	resCh := make(chan result, 1)
+	go func() {
+		resp, err := ep.client.Do(creq)
+		resCh <- result{resp, err}
+	}()
+	// The request may be abandoned below; whatever answer still arrives is closed.
+	abandon := func(cause error) {
+		cancel(cause)
+		go func() {
+			if res := <-resCh; res.resp != nil {
+				res.resp.Body.Close()
+			}
+		}()
+	}
+
+	timer := time.NewTimer(h.cfg.HeaderTimeout)
+	defer timer.Stop()
+	slowDeadline := time.Now().Add(h.cfg.SlowOriginTimeout)
+	var res result
+wait:
+	for {
+		select {
+		case res = <-resCh:
+			break wait
+		case <-timer.C:
+			if !h.probe(r.Context(), ep) {
+				abandon(errors.New("cove-cache hung"))
+				ep.breaker.Failure()
+				h.log.Warn("cove-cache sent no headers and fails its health probe: falling back", "cache", ep.base, "path", r.URL.Path)
+				return false, "headers"
+			}
+			if time.Now().After(slowDeadline) {
+				abandon(errors.New("origin too slow"))
+				h.log.Warn("cove-cache healthy but the origin behind it too slow: falling back", "cache", ep.base, "path", r.URL.Path)
+				return false, "slow-origin"
+			}
+			timer.Reset(h.cfg.HeaderTimeout)
+		case <-r.Context().Done():
+			abandon(r.Context().Err())
+			return true, ""
+		}
+	}
+	if res.err != nil {
+		cancel(res.err)
+		if r.Context().Err() != nil {
+			return true, ""
+		}
+		ep.breaker.Failure()
+		h.log.Warn("cove-cache unreachable: falling back", "cache", ep.base, "error", res.err)
+		return false, "connect"
+	}
+	resp := res.resp
+	if resp.StatusCode >= 500 {
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		cancel(nil)
+		// 502 is cove-cache saying it could not reach the origin: this node may still
+		// can, and the cache itself is fine. Anything else is the cache failing.
+		if resp.StatusCode != http.StatusBadGateway {
+			ep.breaker.Failure()
+		}
+		return false, "status"
+	}
+	ep.breaker.Success()
+	h.streamFromCache(w, r, req, ep, resp, ctx, cancel)
+	return true, ""
+}
+
+func (h *Handler) probe(ctx context.Context, ep *cacheEndpoint) bool {
+	pctx, cancel := context.WithTimeout(ctx, h.cfg.ProbeTimeout)
+	defer cancel()
+	return ep.probe(pctx)
+}
+
+// streamFromCache relays cove-cache's answer. A body that stalls on a cache that fails
+// its probe, or breaks, is finished from the origin with a Range request.
+func (h *Handler) streamFromCache(w http.ResponseWriter, r *http.Request, req *route.Request, ep *cacheEndpoint, resp *http.Response, ctx context.Context, cancel context.CancelCauseFunc) {
+	defer cancel(nil)
+	defer resp.Body.Close()
+	httpx.CopyRelayed(w.Header(), resp.Header)
+	if ns := resp.Header.Get("Oci-Namespace"); ns != "" {
+		w.Header().Set("Oci-Namespace", ns)
+	}
+	w.WriteHeader(resp.StatusCode)
+	if fl, ok := w.(http.Flusher); ok {
+		fl.Flush()
+	}
+	if r.Method == http.MethodHead {
+		h.cfg.Observe("cache", "", false)
+		return
+	}
+
+	var progress atomic.Int64
+	stopWatch := h.watchStall(r.Context(), ep, &progress, cancel)
+	sent, readErr, writeErr := copyCounting(w, resp.Body, &progress)
+	stopWatch()
+	if writeErr != nil || r.Context().Err() != nil {
+		return // containerd left
+	}
+	if readErr == nil {
+		h.cfg.Observe("cache", "", false)
+		return
+	}
+	cause := context.Cause(ctx)
+	if cause == nil {
+		cause = readErr
+	}
+	ep.breaker.Failure()
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent || req.Kind != route.KindBlob {
+		h.log.Warn("cove-cache broke off a response that cannot be resumed", "cache", ep.base, "path", r.URL.Path, "error", cause)
+		panic(http.ErrAbortHandler)
+	}
+	start, end, ok := resumeRange(resp)
+	if !ok {
+		h.log.Warn("cove-cache broke off a body of unknown length", "cache", ep.base, "path", r.URL.Path, "error", cause)
+		panic(http.ErrAbortHandler)
+	}
+	h.log.Warn("cove-cache broke off a blob: resuming from the origin", "cache", ep.base, "path", r.URL.Path, "sent", sent, "error", cause)
+	if err := h.resume(w, r, req, start+sent, end); err != nil {
+		h.log.Warn("resuming from the origin failed", "path", r.URL.Path, "error", err)
+		panic(http.ErrAbortHandler)
+	}
+	h.cfg.Observe("origin", "stall", true)
+}
+
+// watchStall cancels the cache request when the body makes no progress for
+// StallTimeout and the cache fails its probe, or for SlowOriginTimeout in any case.
+func (h *Handler) watchStall(ctx context.Context, ep *cacheEndpoint, progress *atomic.Int64, cancel context.CancelCauseFunc) (stop func()) {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(h.cfg.StallTimeout)
+		defer t.Stop()
+		last := progress.Load()
+		lastMove := time.Now()
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if p := progress.Load(); p != last {
+				last, lastMove = p, time.Now()
+				continue
+			}
+			if !h.probe(ctx, ep) {
+				cancel(fmt.Errorf("cove-cache stalled and fails its health probe"))
+				return
+			}
+			if time.Since(lastMove) >= h.cfg.SlowOriginTimeout {
+				cancel(fmt.Errorf("no body bytes for %s", h.cfg.SlowOriginTimeout))
+				return
+			}
+		}
+	}()
+	return func() { close(done) }
+}
+
+// copyCounting copies src to w, counting bytes into progress and telling read errors
+// (the cache's) from write errors (the client's).
+func copyCounting(w io.Writer, src io.Reader, progress *atomic.Int64) (n int64, readErr, writeErr error) {
+	buf := make([]byte, 128<<10)
+	fl, _ := w.(http.Flusher)
+	for {
+		m, err := src.Read(buf)
+		if m > 0 {
+			if _, werr := w.Write(buf[:m]); werr != nil {
+				return n, nil, werr
+			}
+			n += int64(m)
+			progress.Store(n)
+			if fl != nil {
+				fl.Flush()
+			}
+		}
+		if err == io.EOF {
+			return n, nil, nil
+		}
+		if err != nil {
+			return n, err, nil
+		}
+	}
+}
+
+// resumeRange is the byte range the cache's answer covers: [start, end] inclusive.
+func resumeRange(resp *http.Response) (start, end int64, ok bool) {
+	if resp.StatusCode == http.StatusPartialContent {
+		var size int64
+		if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-%d/%d", &start, &end, &size); err != nil {
+			return 0, 0, false
+		}
+		return start, end, true
+	}
+	if resp.ContentLength < 0 {
+		return 0, 0, false
+	}
+	return 0, resp.ContentLength - 1, true
+}
+
+// resume sends bytes [from, end] of the blob from the origin, after the part the cache
+// already sent. An origin that ignores Range is read from the start and the bytes
+// already sent are skipped.
+func (h *Handler) resume(w http.ResponseWriter, r *http.Request, req *route.Request, from, end int64) error {
+	if from > end {
+		return nil // the cache sent everything but the clean end
+	}
+	extra := http.Header{"Range": {"bytes=" + strconv.FormatInt(from, 10) + "-" + strconv.FormatInt(end, 10)}}
+	resp, err := h.origin.Do(r.Context(), http.MethodGet, req.Registry, originPath(req), nil, r.Header, extra)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var body io.Reader = resp.Body
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+		var s, e, size int64
+		if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-%d/%d", &s, &e, &size); err != nil || s != from {
+			return fmt.Errorf("origin answered range %q for bytes=%d-", resp.Header.Get("Content-Range"), from)
+		}
+	case http.StatusOK:
+		if _, err := io.CopyN(io.Discard, resp.Body, from); err != nil {
+			return fmt.Errorf("skipping to offset %d: %w", from, err)
+		}
+	default:
+		return fmt.Errorf("origin answered %d to the resume", resp.StatusCode)
+	}
+	want := end - from + 1
+	n, err := io.Copy(w, io.LimitReader(body, want))
+	if err != nil {
+		return err
+	}
+	if n != want {
+		return fmt.Errorf("origin sent %d of %d bytes", n, want)
+	}
+	return nil
+}
+
+// serveOrigin answers from the origin directly.
+func (h *Handler) serveOrigin(w http.ResponseWriter, r *http.Request, req *route.Request, reason string) {
+	if req.Registry == "" {
+		httpx.WriteError(w, http.StatusBadGateway, "UNAVAILABLE", "no registry named")
+		return
+	}
+	var extra http.Header
+	if rg := r.Header.Get("Range"); rg != "" {
+		extra = http.Header{"Range": {rg}}
+	}
+	resp, err := h.origin.Do(r.Context(), r.Method, req.Registry, originPath(req), req.Query, r.Header, extra)
+	if err != nil {
+		h.log.Warn("origin unreachable", "registry", req.Registry, "error", err)
+		httpx.WriteError(w, http.StatusBadGateway, "UNAVAILABLE", "origin registry "+req.Registry+" could not be reached")
+		return
+	}
+	defer resp.Body.Close()
+	httpx.CopyRelayed(w.Header(), resp.Header)
+	w.WriteHeader(resp.StatusCode)
+	if r.Method == http.MethodHead {
+		h.cfg.Observe("origin", reason, false)
+		return
+	}
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		panic(http.ErrAbortHandler)
+	}
+	h.cfg.Observe("origin", reason, false)
+}

@@ -1,0 +1,203 @@
+// Package node assembles cove-node from its parts, each registered the way containerd
+// registers its own plugins (github.com/containerd/plugin), so each can be switched on or
+// off by configuration and the whole agent reads as one list (Registrations).
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/containerd/plugin"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/cove-oci/cove/plugin/mirror"
+)
+
+// Plugin types of cove-node's parts.
+const (
+	// TypeMirror is the resolver hook: containerd's _default registry mirror.
+	TypeMirror plugin.Type = "io.cove.node.mirror.v1"
+	// TypeServer is the loopback HTTP server that carries the mirror and /metrics.
+	TypeServer plugin.Type = "io.cove.node.server.v1"
+)
+
+// Config is cove-node's whole configuration, from flags.
+type Config struct {
+	// Addr is the loopback address of the resolver hook and /metrics.
+	Addr string
+	// Mirror configures the resolver hook.
+	Mirror mirror.Config
+	// Disabled lists plugin URIs (type.id) switched off.
+	Disabled []string
+	Logger   *slog.Logger
+}
+
+// Registrations is every part of cove-node, in one list.
+func Registrations() plugin.Registry {
+	var reg plugin.Registry
+	reg = reg.Register(&plugin.Registration{
+		Type:   TypeMirror,
+		ID:     "resolver",
+		InitFn: initMirror,
+	})
+	reg = reg.Register(&plugin.Registration{
+		Type:     TypeServer,
+		ID:       "http",
+		Requires: []plugin.Type{TypeMirror},
+		InitFn:   initServer,
+	})
+	return reg
+}
+
+// Agent is a running cove-node.
+type Agent struct {
+	plugins *plugin.Set
+	servers []*http.Server
+	Addr    string
+}
+
+type deps struct {
+	cfg     *Config
+	metrics *metrics
+	agent   *Agent
+}
+
+// Start initializes every enabled part in dependency order and starts serving.
+func Start(ctx context.Context, cfg Config) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	a := &Agent{plugins: plugin.NewPluginSet()}
+	d := &deps{cfg: &cfg, metrics: newMetrics(), agent: a}
+	disabled := map[string]bool{}
+	for _, uri := range cfg.Disabled {
+		disabled[uri] = true
+	}
+	for _, r := range Registrations().Graph(func(r *plugin.Registration) bool { return disabled[r.URI()] }) {
+		ic := plugin.NewContext(ctx, a.plugins, map[string]string{})
+		ic.Config = d
+		p := r.Init(ic)
+		if err := a.plugins.Add(p); err != nil {
+			a.Close()
+			return nil, err
+		}
+		if err := p.Err(); err != nil {
+			if plugin.IsSkipPlugin(err) {
+				cfg.Logger.Info("part skipped", "part", r.URI(), "reason", err)
+				continue
+			}
+			a.Close()
+			return nil, fmt.Errorf("%s: %w", r.URI(), err)
+		}
+		cfg.Logger.Debug("part started", "part", r.URI())
+	}
+	return a, nil
+}
+
+// Close stops the servers.
+func (a *Agent) Close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, s := range a.servers {
+		_ = s.Shutdown(ctx)
+	}
+}
+
+func initMirror(ic *plugin.InitContext) (interface{}, error) {
+	d := ic.Config.(*deps)
+	mcfg := d.cfg.Mirror
+	mcfg.Logger = d.cfg.Logger
+	mcfg.Observe = d.metrics.observe
+	if len(mcfg.Caches) == 0 {
+		d.cfg.Logger.Warn("no --cache given: every pull goes straight to the origin")
+	}
+	h, err := mirror.New(mcfg)
+	if err != nil {
+		return nil, err
+	}
+	d.metrics.watchBreakers(h)
+	return h, nil
+}
+
+func initServer(ic *plugin.InitContext) (interface{}, error) {
+	d := ic.Config.(*deps)
+	m, err := ic.GetSingle(TypeMirror)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/v2/", m.(http.Handler))
+	mux.Handle("/v2", m.(http.Handler))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	ln, err := net.Listen("tcp", d.cfg.Addr)
+	if err != nil {
+		return nil, err
+	}
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(d.cfg.Logger.Handler(), slog.LevelWarn),
+	}
+	d.agent.servers = append(d.agent.servers, srv)
+	d.agent.Addr = ln.Addr().String()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.cfg.Logger.Error("resolver hook server stopped", "error", err)
+		}
+	}()
+	d.cfg.Logger.Info("resolver hook serving", "addr", ln.Addr().String(), "caches", d.cfg.Mirror.Caches)
+	return srv, nil
+}
+
+type metrics struct {
+	reg      *prometheus.Registry
+	requests *prometheus.CounterVec
+	resumes  prometheus.Counter
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cove_node_requests_total",
+			Help: "Pull requests from containerd by where they were served from (cache, origin) and, for origin, why (breaker-open, connect, headers, status, stall, slow-origin, no-cache).",
+		}, []string{"served_by", "reason"}),
+		resumes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cove_node_resumes_total",
+			Help: "Blobs cove-cache broke off that were finished from the origin with a Range request.",
+		}),
+	}
+	m.reg.MustRegister(m.requests, m.resumes, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) observe(servedBy, reason string, resumed bool) {
+	m.requests.WithLabelValues(servedBy, reason).Inc()
+	if resumed {
+		m.resumes.Inc()
+	}
+}
+
+func (m *metrics) watchBreakers(h *mirror.Handler) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cove_node_caches_bypassed",
+		Help: "cove-cache endpoints whose circuit breaker is open (requests go to the origin).",
+	}, func() float64 {
+		n := 0
+		for _, open := range h.BreakerOpen() {
+			if open {
+				n++
+			}
+		}
+		return float64(n)
+	}))
+}
