@@ -200,7 +200,11 @@ func (s *slowBody) Read(p []byte) (int, error) {
 		p = p[:64<<10]
 	}
 	time.Sleep(s.perChunk)
-	return io.ReadFull(s.ReadCloser, p)
+	n, err := io.ReadFull(s.ReadCloser, p)
+	if err == io.ErrUnexpectedEOF {
+		err = io.EOF // a short last chunk is the end of the body, not a break
+	}
+	return n, err
 }
 
 func fileDigest(path string) (digest.Digest, error) {

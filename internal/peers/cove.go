@@ -196,3 +196,66 @@ func (c *Cove) Logs(t testing.TB) []map[string]any {
 	}
 	return out
 }
+
+// Freeze stops cove-cache with SIGSTOP: it still accepts connections (the kernel does)
+// but answers nothing, the way a wedged process or node behaves. Thaw resumes it.
+func (c *Cove) Freeze() { _ = syscall.Kill(-c.proc.cmd.Process.Pid, syscall.SIGSTOP) }
+
+// Thaw resumes a frozen cove-cache.
+func (c *Cove) Thaw() { _ = syscall.Kill(-c.proc.cmd.Process.Pid, syscall.SIGCONT) }
+
+// CoveNode is a running cove-node process.
+type CoveNode struct {
+	// Addr is 127.0.0.1:PORT of the resolver hook; URL is http://Addr, the mirror URL to
+	// give containerd.
+	Addr, URL string
+	LogPath   string
+	proc      *proc
+}
+
+// StartCoveNode runs cove-node serve on a free loopback port with the given cove-cache
+// URLs and extra flags, and stops it at cleanup.
+func StartCoveNode(t testing.TB, caches []string, extra ...string) *CoveNode {
+	t.Helper()
+	bin := CoveBinary(t, "cove-node")
+	dir := t.TempDir()
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			t.Fatalf("peers: %v", err)
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		logPath := filepath.Join(dir, fmt.Sprintf("cove-node-%d.log", attempt))
+		args := []string{"serve", "--addr", addr, "--root", filepath.Join(dir, "root")}
+		for _, c := range caches {
+			args = append(args, "--cache", c)
+		}
+		p, err := startProc("cove-node", bin, append(args, extra...), cleanEnv(), logPath, logPath, 5*time.Second)
+		if err != nil {
+			t.Fatalf("peers: start cove-node: %v", err)
+		}
+		if err := waitHTTP(p, "http://"+addr+"/healthz", 10*time.Second); err != nil {
+			p.stop()
+			lastErr = fmt.Errorf("cove-node did not become ready: %v\n%s", err, logTail(logPath, 30))
+			if strings.Contains(logTail(logPath, 5), "address already in use") {
+				continue
+			}
+			break
+		}
+		n := &CoveNode{Addr: addr, URL: "http://" + addr, LogPath: logPath, proc: p}
+		t.Cleanup(n.Stop)
+		return n
+	}
+	t.Fatalf("peers: %v", lastErr)
+	return nil
+}
+
+// Stop ends cove-node (SIGTERM), idempotently.
+func (n *CoveNode) Stop() { n.proc.stop() }
+
+// Metric sums the samples of a metric on cove-node's /metrics (see Cove.Metric).
+func (n *CoveNode) Metric(t testing.TB, name string, labels ...string) float64 {
+	t.Helper()
+	return (&Cove{URL: n.URL}).Metric(t, name, labels...)
+}

@@ -360,10 +360,12 @@ func (h *Handler) streamFromCache(w http.ResponseWriter, r *http.Request, req *r
 func (h *Handler) watchStall(ctx context.Context, ep *cacheEndpoint, progress *atomic.Int64, cancel context.CancelCauseFunc) (stop func()) {
 	done := make(chan struct{})
 	go func() {
-		t := time.NewTicker(h.cfg.StallTimeout)
+		// Check often, so a stall is noticed StallTimeout after the last byte, not up to
+		// twice that at the next tick.
+		t := time.NewTicker(max(h.cfg.StallTimeout/10, 10*time.Millisecond))
 		defer t.Stop()
 		last := progress.Load()
-		lastMove := time.Now()
+		lastMove, lastProbe := time.Now(), time.Time{}
 		for {
 			select {
 			case <-done:
@@ -376,12 +378,17 @@ func (h *Handler) watchStall(ctx context.Context, ep *cacheEndpoint, progress *a
 				last, lastMove = p, time.Now()
 				continue
 			}
+			idle := time.Since(lastMove)
+			if idle < h.cfg.StallTimeout || time.Since(lastProbe) < h.cfg.StallTimeout {
+				continue
+			}
+			lastProbe = time.Now()
 			if !h.probe(ctx, ep) {
-				cancel(fmt.Errorf("cove-cache stalled and fails its health probe"))
+				cancel(fmt.Errorf("cove-cache sent nothing for %s and fails its health probe", idle.Round(time.Millisecond)))
 				return
 			}
-			if time.Since(lastMove) >= h.cfg.SlowOriginTimeout {
-				cancel(fmt.Errorf("no body bytes for %s", h.cfg.SlowOriginTimeout))
+			if idle >= h.cfg.SlowOriginTimeout {
+				cancel(fmt.Errorf("no body bytes for %s", idle.Round(time.Millisecond)))
 				return
 			}
 		}
