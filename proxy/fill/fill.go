@@ -111,12 +111,25 @@ func (m *Manager) Join(key Key, owner string, fetch FetchFunc) (f *Fill, started
 		m:       m,
 		refs:    2, // the caller's and the fill goroutine's
 		changed: make(chan struct{}),
+		settled: make(chan struct{}),
 		size:    -1,
 		started: time.Now(),
 	}
 	m.fills[key] = f
 	go f.run(fetch)
 	return f, true
+}
+
+// Lookup returns the in-flight fill for key, acquired (the caller must Release it), or
+// nil when there is none. It never starts a fill.
+func (m *Manager) Lookup(key Key) *Fill {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	f := m.fills[key]
+	if f != nil {
+		f.refs++
+	}
+	return f
 }
 
 // InFlight returns the number of fills running (for tests and metrics).
@@ -151,6 +164,7 @@ type Fill struct {
 
 	m       *Manager
 	started time.Time
+	settled chan struct{} // closed when the fill has ended and its commit, if any, is done
 
 	mu       sync.Mutex
 	refs     int
@@ -344,8 +358,12 @@ func (f *Fill) run(fetch FetchFunc) {
 		f.m.onDone(f, doneErr)
 	}
 	f.forget()
+	close(f.settled)
 	f.Release()
 }
+
+// Settled is closed when the fill has ended: failed, or verified and committed.
+func (f *Fill) Settled() <-chan struct{} { return f.settled }
 
 // Elapsed is how long the fill has run.
 func (f *Fill) Elapsed() time.Duration { return time.Since(f.started) }
