@@ -29,8 +29,11 @@ var (
 func CoveBinary(t testing.TB, name string) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		buildDir, buildErr = os.MkdirTemp("", "cove-bin-")
-		if buildErr != nil {
+		// One directory per test process, named by its pid, so the next process can tell
+		// a dead one's leftovers (test binaries have no exit hook to remove their own).
+		removeStaleBuilds()
+		buildDir = filepath.Join(os.TempDir(), "cove-bin-"+strconv.Itoa(os.Getpid()))
+		if buildErr = os.MkdirAll(buildDir, 0o755); buildErr != nil {
 			return
 		}
 		_, file, _, _ := runtime.Caller(0)
@@ -48,6 +51,21 @@ func CoveBinary(t testing.TB, name string) string {
 		t.Fatalf("peers: %v", buildErr)
 	}
 	return filepath.Join(buildDir, name)
+}
+
+// removeStaleBuilds deletes cove-bin-PID directories whose process is gone.
+func removeStaleBuilds() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "cove-bin-*"))
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), "cove-bin-"))
+		if err != nil {
+			os.RemoveAll(d) // the older random-suffix form
+			continue
+		}
+		if syscall.Kill(pid, 0) == syscall.ESRCH {
+			os.RemoveAll(d)
+		}
+	}
 }
 
 // Cove is a running cove-cache process.
