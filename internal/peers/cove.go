@@ -59,7 +59,10 @@ func removeStaleBuilds() {
 	for _, d := range dirs {
 		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), "cove-bin-"))
 		if err != nil {
-			os.RemoveAll(d) // the older random-suffix form
+			// The older random-suffix form: no pid to ask, so only when clearly stale.
+			if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) > 2*time.Hour {
+				os.RemoveAll(d)
+			}
 			continue
 		}
 		if syscall.Kill(pid, 0) == syscall.ESRCH {
