@@ -1,5 +1,7 @@
 // Command cove-node is the cove agent beside containerd on every node: the resolver hook
-// (containerd's _default registry mirror on loopback) with fast fallback to the origin.
+// (containerd's _default registry mirror on loopback) with fast fallback to the origin,
+// and, with --content-socket, the content hook (containerd's content store and differ as
+// proxy plugins) with prefill.
 package main
 
 import (
@@ -13,11 +15,14 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/cove-oci/cove/internal/version"
+	"github.com/cove-oci/cove/plugin/content"
 	"github.com/cove-oci/cove/plugin/mirror"
 	"github.com/cove-oci/cove/plugin/node"
 	"github.com/cove-oci/cove/proxy/route"
@@ -26,8 +31,9 @@ import (
 const usage = `cove-node: the cove agent beside containerd on every node.
 
 Usage:
-  cove-node serve [flags]   run the resolver hook (see 'cove-node serve -h')
-  cove-node version         print the version
+  cove-node serve [flags]                    run the hooks (see 'cove-node serve -h')
+  cove-node print-containerd-config [flags]  print the containerd config fragment for the content hook
+  cove-node version                          print the version
 `
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
@@ -40,6 +46,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
+	case "print-containerd-config":
+		return printConfig(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "cove-node", version.Version)
 		return 0
@@ -61,6 +69,8 @@ type options struct {
 	caches        repeated
 	root          string
 	contentSocket string
+	contentRoot   string
+	containerd    string
 	plainHTTP     repeated
 	cfg           mirror.Config
 	logLevel      string
@@ -74,7 +84,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:5006", "loopback `HOST:PORT` of the resolver hook (containerd's _default mirror)")
 	fs.Var(&o.caches, "cache", "cove-cache base `URL` (repeatable, tried in order)")
 	fs.StringVar(&o.root, "root", "/var/lib/cove-node", "state `DIR`")
-	fs.StringVar(&o.contentSocket, "content-socket", "", "unix socket `PATH` of the content hook (not in this release)")
+	fs.StringVar(&o.contentSocket, "content-socket", "", "unix socket `PATH` of the content hook; empty: mirror-only mode")
+	fs.StringVar(&o.contentRoot, "content-root", defaultContentRoot, "the content store `DIR` the content hook serves: containerd's built-in store's own directory")
+	fs.StringVar(&o.containerd, "containerd-address", "/run/containerd/containerd.sock", "containerd's gRPC `SOCKET` (the differ writes diffs through it)")
 	fs.Var(&o.plainHTTP, "origin-plain-http", "reach this origin `HOST:PORT` over plain HTTP when falling back (repeatable)")
 	fs.DurationVar(&o.cfg.ConnectTimeout, "connect-timeout", 300*time.Millisecond, "bound on connecting to cove-cache")
 	fs.DurationVar(&o.cfg.HeaderTimeout, "header-timeout", 2*time.Second, "wait for cove-cache's response headers before probing its health")
@@ -109,8 +121,8 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		}
 		o.plainHTTP[i] = norm
 	}
-	if o.contentSocket != "" {
-		return nil, errors.New("--content-socket: the content hook is not in this release; run without it (mirror-only mode)")
+	if o.contentSocket != "" && (!filepath.IsAbs(o.contentSocket) || !filepath.IsAbs(o.contentRoot)) {
+		return nil, errors.New("--content-socket and --content-root must be absolute paths")
 	}
 	for name, d := range map[string]time.Duration{
 		"--connect-timeout": o.cfg.ConnectTimeout, "--header-timeout": o.cfg.HeaderTimeout, "--stall-timeout": o.cfg.StallTimeout,
@@ -163,14 +175,48 @@ func serve(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	agent, err := node.Start(ctx, node.Config{Addr: o.addr, Mirror: o.cfg, Logger: log})
+	ncfg := node.Config{Addr: o.addr, Mirror: o.cfg, Logger: log}
+	if o.contentSocket != "" {
+		ncfg.Content = content.Config{Root: o.contentRoot, Socket: o.contentSocket, ContainerdAddress: o.containerd}
+	}
+	agent, err := node.Start(ctx, ncfg)
 	if err != nil {
 		log.Error("starting cove-node failed", "error", err)
 		return 1
 	}
-	log.Info("cove-node serving", "addr", agent.Addr, "version", version.Version)
+	log.Info("cove-node serving", "addr", agent.Addr, "content_socket", agent.ContentSocket, "version", version.Version)
 	<-ctx.Done()
 	log.Info("shutting down")
 	agent.Close()
+	return 0
+}
+
+const defaultContentRoot = "/var/lib/containerd/io.containerd.content.v1.content"
+
+// printConfig prints the containerd config (version 3) fragment that switches the
+// content hook on: the built-in content store off, cove's content store and differ as
+// proxy plugins, and the transfer service's unpack through cove's differ. The install
+// script puts it in a drop-in the root config imports.
+func printConfig(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("cove-node print-containerd-config", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	socket := fs.String("content-socket", "/run/cove-node/content.sock", "unix socket `PATH` of the content hook")
+	fs.String("root", "/var/lib/cove-node", "cove-node's state `DIR` (accepted for symmetry with serve; the fragment does not depend on it)")
+	arch := fs.String("arch", runtime.GOARCH, "the node's `ARCH` for the unpack platform")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "cove-node print-containerd-config: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	if !filepath.IsAbs(*socket) || strings.ContainsAny(*socket, "\"'\n") {
+		fmt.Fprintf(stderr, "cove-node print-containerd-config: --content-socket %q: want an absolute path\n", *socket)
+		return 2
+	}
+	fmt.Fprint(stdout, content.Fragment(*socket, *arch))
 	return 0
 }

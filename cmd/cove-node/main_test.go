@@ -19,7 +19,9 @@ func TestBadFlagsFailClearly(t *testing.T) {
 		{[]string{"serve", "--origin-plain-http", "a/b"}, "--origin-plain-http"},
 		{[]string{"serve", "--header-timeout", "0s"}, "--header-timeout"},
 		{[]string{"serve", "--header-timeout", "30s", "--slow-origin-timeout", "5s"}, "--slow-origin-timeout"},
-		{[]string{"serve", "--content-socket", "/run/cove/c.sock"}, "content hook"},
+		{[]string{"serve", "--content-socket", "relative.sock"}, "absolute"},
+		{[]string{"print-containerd-config", "--content-socket", "rel.sock"}, "absolute"},
+		{[]string{"print-containerd-config", "stray"}, "unexpected argument"},
 		{[]string{"serve", "--log-level", "x"}, "--log-level"},
 		{[]string{"serve", "stray"}, "unexpected argument"},
 		{[]string{"nope"}, "unknown command"},
@@ -36,5 +38,17 @@ func TestVersion(t *testing.T) {
 	var out, errb bytes.Buffer
 	if code := run([]string{"version"}, &out, &errb); code != 0 || !strings.HasPrefix(out.String(), "cove-node ") {
 		t.Fatalf("version: %d %q", code, out.String())
+	}
+}
+
+func TestPrintContainerdConfig(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := run([]string{"print-containerd-config", "--content-socket", "/run/cove-node/content.sock", "--root", "/var/lib/cove-node"}, &out, &errb); code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	for _, want := range []string{"version = 3", `disabled_plugins = ["io.containerd.content.v1.content"]`, `address = "/run/cove-node/content.sock"`, `differ = "cove-diff"`} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("fragment lacks %q:\n%s", want, out.String())
+		}
 	}
 }

@@ -7,9 +7,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/containerd/plugin"
@@ -17,7 +19,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/opencontainers/go-digest"
+
+	"github.com/cove-oci/cove/plugin/content"
 	"github.com/cove-oci/cove/plugin/mirror"
+	"github.com/cove-oci/cove/plugin/prefill"
 )
 
 // Plugin types of cove-node's parts.
@@ -26,6 +32,8 @@ const (
 	TypeMirror plugin.Type = "io.cove.node.mirror.v1"
 	// TypeServer is the loopback HTTP server that carries the mirror and /metrics.
 	TypeServer plugin.Type = "io.cove.node.server.v1"
+	// TypePrefill fills the content store with the blobs of manifests the mirror served.
+	TypePrefill plugin.Type = "io.cove.node.prefill.v1"
 )
 
 // Config is cove-node's whole configuration, from flags.
@@ -34,6 +42,9 @@ type Config struct {
 	Addr string
 	// Mirror configures the resolver hook.
 	Mirror mirror.Config
+	// Content configures the content hook; an empty Root switches it (and the prefill,
+	// which needs it) off: mirror-only mode.
+	Content content.Config
 	// Disabled lists plugin URIs (type.id) switched off.
 	Disabled []string
 	Logger   *slog.Logger
@@ -42,10 +53,25 @@ type Config struct {
 // Registrations is every part of cove-node, in one list.
 func Registrations() plugin.Registry {
 	var reg plugin.Registry
+	for _, r := range content.Registrations(func(ic *plugin.InitContext) content.Config {
+		d := ic.Config.(*deps)
+		c := d.cfg.Content
+		c.Logger = d.cfg.Logger
+		return c
+	}) {
+		reg = reg.Register(r)
+	}
 	reg = reg.Register(&plugin.Registration{
-		Type:   TypeMirror,
-		ID:     "resolver",
-		InitFn: initMirror,
+		Type:     TypePrefill,
+		ID:       "manifest",
+		Requires: []plugin.Type{content.TypeGRPC},
+		InitFn:   initPrefill,
+	})
+	reg = reg.Register(&plugin.Registration{
+		Type:     TypeMirror,
+		ID:       "resolver",
+		Requires: []plugin.Type{TypePrefill},
+		InitFn:   initMirror,
 	})
 	reg = reg.Register(&plugin.Registration{
 		Type:     TypeServer,
@@ -60,13 +86,17 @@ func Registrations() plugin.Registry {
 type Agent struct {
 	plugins *plugin.Set
 	servers []*http.Server
+	closers []io.Closer
 	Addr    string
+	// ContentSocket is the content hook's socket, when it runs.
+	ContentSocket string
 }
 
 type deps struct {
 	cfg     *Config
 	metrics *metrics
 	agent   *Agent
+	mirror  *mirror.Handler // set once the mirror part is up; the prefill fetches through it
 }
 
 // Start initializes every enabled part in dependency order and starts serving.
@@ -96,6 +126,12 @@ func Start(ctx context.Context, cfg Config) (*Agent, error) {
 			a.Close()
 			return nil, fmt.Errorf("%s: %w", r.URI(), err)
 		}
+		if inst, _ := p.Instance(); inst != nil {
+			if svc, ok := inst.(*content.Service); ok {
+				a.closers = append(a.closers, svc)
+				a.ContentSocket = svc.Addr()
+			}
+		}
 		cfg.Logger.Debug("part started", "part", r.URI())
 	}
 	return a, nil
@@ -108,6 +144,34 @@ func (a *Agent) Close() {
 	for _, s := range a.servers {
 		_ = s.Shutdown(ctx)
 	}
+	for _, c := range a.closers {
+		_ = c.Close()
+	}
+}
+
+func initPrefill(ic *plugin.InitContext) (interface{}, error) {
+	d := ic.Config.(*deps)
+	if d.cfg.Content.Root == "" {
+		return nil, fmt.Errorf("content hook off (mirror-only mode): %w", plugin.ErrSkipPlugin)
+	}
+	svc, err := ic.GetSingle(content.TypeGRPC)
+	if err != nil {
+		return nil, fmt.Errorf("prefill needs the content hook: %w", plugin.ErrSkipPlugin)
+	}
+	return prefill.New(prefill.Config{
+		ContentRoot: d.cfg.Content.Root,
+		// Beside the store, on its filesystem (renamed into blobs/), outside blobs/ (the
+		// GC lists every file there).
+		SpoolDir: filepath.Join(d.cfg.Content.Root, ".cove-prefill-spool"),
+		Fetch: func(ctx context.Context, registry, repo string, dg digest.Digest, h http.Header) (*http.Response, error) {
+			if d.mirror == nil {
+				return nil, errors.New("resolver hook not ready")
+			}
+			return d.mirror.FetchFromCache(ctx, registry, repo, dg, h)
+		},
+		Protect: svc.(*content.Service).Protect,
+		Logger:  d.cfg.Logger,
+	})
 }
 
 func initMirror(ic *plugin.InitContext) (interface{}, error) {
@@ -115,6 +179,11 @@ func initMirror(ic *plugin.InitContext) (interface{}, error) {
 	mcfg := d.cfg.Mirror
 	mcfg.Logger = d.cfg.Logger
 	mcfg.Observe = d.metrics.observe
+	if p, err := ic.GetSingle(TypePrefill); err == nil {
+		pf := p.(*prefill.Prefiller)
+		mcfg.OnManifest = pf.OnManifest
+		mcfg.Joinable = pf.Joinable
+	}
 	if len(mcfg.Caches) == 0 {
 		d.cfg.Logger.Warn("no --cache given: every pull goes straight to the origin")
 	}
@@ -123,6 +192,7 @@ func initMirror(ic *plugin.InitContext) (interface{}, error) {
 		return nil, err
 	}
 	d.metrics.watchBreakers(h)
+	d.mirror = h
 	return h, nil
 }
 
