@@ -93,6 +93,8 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&o.cfg.StallTimeout, "stall-timeout", 5*time.Second, "wait for body bytes before probing cove-cache's health")
 	fs.DurationVar(&o.cfg.SlowOriginTimeout, "slow-origin-timeout", 25*time.Second, "longest wait on a healthy cove-cache whose origin is slow")
 	fs.DurationVar(&o.cfg.ProbeTimeout, "probe-timeout", 300*time.Millisecond, "bound on one health probe of cove-cache")
+	fs.DurationVar(&o.cfg.ProbeInterval, "probe-interval", time.Second, "background health check of each cove-cache")
+	fs.DurationVar(&o.cfg.ProbeAfter, "probe-after", 250*time.Millisecond, "first health probe of cove-cache once headers or body bytes are this late")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
 	if err := fs.Parse(args); err != nil {
@@ -126,7 +128,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	}
 	for name, d := range map[string]time.Duration{
 		"--connect-timeout": o.cfg.ConnectTimeout, "--header-timeout": o.cfg.HeaderTimeout, "--stall-timeout": o.cfg.StallTimeout,
-		"--slow-origin-timeout": o.cfg.SlowOriginTimeout, "--probe-timeout": o.cfg.ProbeTimeout,
+		"--slow-origin-timeout": o.cfg.SlowOriginTimeout, "--probe-timeout": o.cfg.ProbeTimeout, "--probe-after": o.cfg.ProbeAfter, "--probe-interval": o.cfg.ProbeInterval,
 	} {
 		if d <= 0 {
 			return nil, fmt.Errorf("%s must be positive", name)

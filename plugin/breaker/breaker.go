@@ -95,7 +95,8 @@ func (b *Breaker) Success() {
 	b.mu.Unlock()
 }
 
-// watch probes until the cache answers healthy, then closes the breaker.
+// watch probes until the cache answers healthy, then closes the breaker; every failed
+// probe keeps it open for another back-off period.
 func (b *Breaker) watch() {
 	t := time.NewTicker(b.interval)
 	defer t.Stop()
@@ -114,6 +115,11 @@ func (b *Breaker) watch() {
 				onChange(false)
 			}
 			return
+		}
+		// Still failing: stay open. Without this the back-off would run out while the
+		// cache is still dead, and the next request would pay the detection again.
+		if until := b.now().Add(b.backoff); until.After(b.openUntil) {
+			b.openUntil = until
 		}
 		b.mu.Unlock()
 	}

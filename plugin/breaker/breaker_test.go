@@ -50,3 +50,14 @@ func TestOpensBacksOffAndCloses(t *testing.T) {
 		t.Fatalf("backoff %s, changes %v", backoff(), changes)
 	}
 }
+
+// While probes fail, the breaker stays open past its back-off.
+func TestStaysOpenWhileProbesFail(t *testing.T) {
+	b := New(func(context.Context) bool { return false },
+		WithBackoff(100*time.Millisecond, 100*time.Millisecond), WithProbeInterval(20*time.Millisecond))
+	b.Failure()
+	time.Sleep(400 * time.Millisecond)
+	if b.Allow() {
+		t.Fatal("breaker closed while its probes still fail")
+	}
+}

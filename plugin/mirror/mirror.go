@@ -53,6 +53,15 @@ type Config struct {
 	SlowOriginTimeout time.Duration
 	// ProbeTimeout bounds one health probe (default 300 ms).
 	ProbeTimeout time.Duration
+	// ProbeAfter is when the first health probe goes out once headers or body bytes are
+	// late (default 250 ms): a dead cache is then left after ProbeAfter+ProbeTimeout
+	// instead of HeaderTimeout or StallTimeout, while a healthy one is waited on as long
+	// as before. Later probes follow every HeaderTimeout (headers) or StallTimeout (body).
+	ProbeAfter time.Duration
+	// ProbeInterval is how often each cove-cache's health is checked in the background
+	// (default 1 s; negative: never), so a cache that died between pulls is bypassed
+	// before the next pull asks it anything.
+	ProbeInterval time.Duration
 	// Transport overrides the transport to cove-cache (tests); OriginTransport, to origins.
 	Transport       http.RoundTripper
 	OriginTransport http.RoundTripper
@@ -100,6 +109,13 @@ func (c *Config) defaults() {
 	if c.ProbeTimeout == 0 {
 		c.ProbeTimeout = 300 * time.Millisecond
 	}
+	if c.ProbeInterval == 0 {
+		c.ProbeInterval = time.Second
+	}
+	if c.ProbeAfter == 0 {
+		c.ProbeAfter = 250 * time.Millisecond
+	}
+	c.ProbeAfter = min(c.ProbeAfter, c.HeaderTimeout, c.StallTimeout)
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -110,6 +126,7 @@ func (c *Config) defaults() {
 
 // Handler serves the distribution pull API for containerd.
 type Handler struct {
+	stop   chan struct{}
 	cfg    Config
 	caches []*cacheEndpoint
 	origin *origin.Client
@@ -127,7 +144,7 @@ type cacheEndpoint struct {
 // New builds the resolver hook.
 func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
 	cfg.defaults()
-	h := &Handler{cfg: cfg, log: cfg.Logger}
+	h := &Handler{cfg: cfg, log: cfg.Logger, stop: make(chan struct{})}
 	for _, raw := range cfg.Caches {
 		base := strings.TrimRight(raw, "/")
 		if !strings.HasPrefix(base, "http://") && !strings.HasPrefix(base, "https://") {
@@ -164,7 +181,39 @@ func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
 		oopts = append(oopts, origin.WithTransport(cfg.OriginTransport))
 	}
 	h.origin = origin.New(oopts...)
+	if cfg.ProbeInterval > 0 {
+		for _, ep := range h.caches {
+			go h.monitor(ep)
+		}
+	}
 	return h, nil
+}
+
+// monitor checks a cache's health at start and every ProbeInterval, opening its breaker
+// on a failed check (the breaker's own probe closes it again).
+func (h *Handler) monitor(ep *cacheEndpoint) {
+	t := time.NewTicker(h.cfg.ProbeInterval)
+	defer t.Stop()
+	for {
+		if ep.breaker.Allow() && !h.probe(context.Background(), ep) {
+			ep.breaker.Failure()
+		}
+		select {
+		case <-h.stop:
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Close stops the background health checks.
+func (h *Handler) Close() error {
+	select {
+	case <-h.stop:
+	default:
+		close(h.stop)
+	}
+	return nil
 }
 
 // BreakerOpen reports, per cache URL, whether requests bypass it now.
@@ -280,7 +329,7 @@ func (h *Handler) tryCache(w http.ResponseWriter, r *http.Request, req *route.Re
 		}()
 	}
 
-	timer := time.NewTimer(h.cfg.HeaderTimeout)
+	timer := time.NewTimer(h.cfg.ProbeAfter)
 	defer timer.Stop()
 	slowDeadline := time.Now().Add(h.cfg.SlowOriginTimeout)
 	var res result
@@ -295,6 +344,11 @@ wait:
 				ep.breaker.Failure()
 				h.log.Warn("cove-cache sent no headers and fails its health probe: falling back", "cache", ep.base, "path", r.URL.Path)
 				return false, "headers"
+			}
+			select { // the answer may have come during the probe
+			case res = <-resCh:
+				break wait
+			default:
 			}
 			if time.Now().After(slowDeadline) {
 				abandon(errors.New("origin too slow"))
@@ -483,7 +537,7 @@ func (h *Handler) watchStall(ctx context.Context, ep *cacheEndpoint, progress *a
 	go func() {
 		// Check often, so a stall is noticed StallTimeout after the last byte, not up to
 		// twice that at the next tick.
-		t := time.NewTicker(max(h.cfg.StallTimeout/10, 10*time.Millisecond))
+		t := time.NewTicker(max(h.cfg.ProbeAfter/5, 10*time.Millisecond))
 		defer t.Stop()
 		last := progress.Load()
 		lastMove, lastProbe := time.Now(), time.Time{}
@@ -496,11 +550,12 @@ func (h *Handler) watchStall(ctx context.Context, ep *cacheEndpoint, progress *a
 			case <-t.C:
 			}
 			if p := progress.Load(); p != last {
-				last, lastMove = p, time.Now()
+				last, lastMove, lastProbe = p, time.Now(), time.Time{}
 				continue
 			}
 			idle := time.Since(lastMove)
-			if idle < h.cfg.StallTimeout || time.Since(lastProbe) < h.cfg.StallTimeout {
+			// The first probe after ProbeAfter of silence, then one per StallTimeout.
+			if idle < h.cfg.ProbeAfter || (!lastProbe.IsZero() && time.Since(lastProbe) < h.cfg.StallTimeout) {
 				continue
 			}
 			lastProbe = time.Now()

@@ -32,6 +32,7 @@ func fastConfig(caches ...string) mirror.Config {
 		StallTimeout:      300 * time.Millisecond,
 		SlowOriginTimeout: 10 * time.Second,
 		ProbeTimeout:      200 * time.Millisecond,
+		ProbeInterval:     -1, // each test exercises the per-request detection
 	}
 }
 
@@ -77,6 +78,7 @@ func startMirror(t *testing.T, cfg mirror.Config, origin string) (*httptest.Serv
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { h.Close() })
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	return srv, obs
@@ -389,5 +391,20 @@ func TestBreakerClosesWhenCacheReturns(t *testing.T) {
 		}
 		time.Sleep(150 * time.Millisecond)
 		getBlob(t, m.URL, origin.Addr, "team/app", img.Layers[0])
+	}
+}
+
+// A cache that hung between pulls is found by the background check: the next pull goes
+// straight to the origin without waiting on it at all.
+func TestBackgroundCheckBypassesDeadCache(t *testing.T) {
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 1, 1024)
+	cfg := fastConfig(hungListener(t))
+	cfg.ProbeInterval = 100 * time.Millisecond
+	m, obs := startMirror(t, cfg, origin.Addr)
+	time.Sleep(500 * time.Millisecond)
+	_, took := getBlob(t, m.URL, origin.Addr, "team/app", img.Layers[0])
+	if obs.get("origin/breaker-open") != 1 || took > 200*time.Millisecond {
+		t.Fatalf("served %v in %s; want straight to the origin", obs.counts, took)
 	}
 }

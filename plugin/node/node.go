@@ -193,6 +193,7 @@ func initMirror(ic *plugin.InitContext) (interface{}, error) {
 	}
 	d.metrics.watchBreakers(h)
 	d.mirror = h
+	d.agent.closers = append(d.agent.closers, h)
 	return h, nil
 }
 
