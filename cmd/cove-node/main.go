@@ -93,6 +93,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&o.cfg.StallTimeout, "stall-timeout", 5*time.Second, "wait for body bytes before probing cove-cache's health")
 	fs.DurationVar(&o.cfg.SlowOriginTimeout, "slow-origin-timeout", 25*time.Second, "longest wait on a healthy cove-cache whose origin is slow")
 	fs.DurationVar(&o.cfg.ProbeTimeout, "probe-timeout", 300*time.Millisecond, "bound on one health probe of cove-cache")
+	fs.StringVar(&o.cfg.Fallback, "fallback", mirror.FallbackHandoff, "when cove-cache cannot serve a request: handoff (answer 503, containerd fetches from the origin itself) or relay (cove-node fetches and relays)")
 	fs.DurationVar(&o.cfg.ProbeInterval, "probe-interval", time.Second, "background health check of each cove-cache")
 	fs.DurationVar(&o.cfg.ProbeAfter, "probe-after", 250*time.Millisecond, "first health probe of cove-cache once headers or body bytes are this late")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -133,6 +134,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		if d <= 0 {
 			return nil, fmt.Errorf("%s must be positive", name)
 		}
+	}
+	if o.cfg.Fallback != mirror.FallbackHandoff && o.cfg.Fallback != mirror.FallbackRelay {
+		return nil, fmt.Errorf("--fallback %q: want handoff or relay", o.cfg.Fallback)
 	}
 	if o.cfg.SlowOriginTimeout < o.cfg.HeaderTimeout {
 		return nil, errors.New("--slow-origin-timeout must not be shorter than --header-timeout")

@@ -23,6 +23,7 @@ func TestBadFlagsFailClearly(t *testing.T) {
 		{[]string{"print-containerd-config", "--content-socket", "rel.sock"}, "absolute"},
 		{[]string{"print-containerd-config", "stray"}, "unexpected argument"},
 		{[]string{"serve", "--log-level", "x"}, "--log-level"},
+		{[]string{"serve", "--fallback", "maybe"}, "--fallback"},
 		{[]string{"serve", "stray"}, "unexpected argument"},
 		{[]string{"nope"}, "unknown command"},
 		{nil, "Usage"},

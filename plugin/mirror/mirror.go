@@ -58,6 +58,13 @@ type Config struct {
 	// instead of HeaderTimeout or StallTimeout, while a healthy one is waited on as long
 	// as before. Later probes follow every HeaderTimeout (headers) or StallTimeout (body).
 	ProbeAfter time.Duration
+	// Fallback says what happens to a request cove-cache cannot serve, before anything was
+	// sent: FallbackHandoff (default) answers 503 at once, and containerd, which moves to
+	// its next host on any 5xx from a mirror, fetches from the origin itself, so cove-node
+	// leaves the data path during an outage; FallbackRelay fetches from the origin and
+	// relays the answer. A blob cove-cache broke off mid-body is always finished by
+	// cove-node (relay), since only it knows where to resume.
+	Fallback string
 	// ProbeInterval is how often each cove-cache's health is checked in the background
 	// (default 1 s; negative: never), so a cache that died between pulls is bypassed
 	// before the next pull asks it anything.
@@ -79,6 +86,12 @@ type Config struct {
 	// is then served from it, so no byte is fetched twice.
 	Joinable func(registry, repository string, d digest.Digest, header http.Header) *fill.Fill
 }
+
+// Fallback modes (Config.Fallback).
+const (
+	FallbackHandoff = "handoff"
+	FallbackRelay   = "relay"
+)
 
 // Manifest is an image manifest the resolver hook served, whole and verified.
 type Manifest struct {
@@ -108,6 +121,9 @@ func (c *Config) defaults() {
 	}
 	if c.ProbeTimeout == 0 {
 		c.ProbeTimeout = 300 * time.Millisecond
+	}
+	if c.Fallback == "" {
+		c.Fallback = FallbackHandoff
 	}
 	if c.ProbeInterval == 0 {
 		c.ProbeInterval = time.Second
@@ -144,6 +160,9 @@ type cacheEndpoint struct {
 // New builds the resolver hook.
 func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
 	cfg.defaults()
+	if cfg.Fallback != FallbackHandoff && cfg.Fallback != FallbackRelay {
+		return nil, fmt.Errorf("fallback %q: want %s or %s", cfg.Fallback, FallbackHandoff, FallbackRelay)
+	}
 	h := &Handler{cfg: cfg, log: cfg.Logger, stop: make(chan struct{})}
 	for _, raw := range cfg.Caches {
 		base := strings.TrimRight(raw, "/")
@@ -269,6 +288,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		reason = why
+	}
+	if h.cfg.Fallback == FallbackHandoff && req.Registry != "" {
+		// The origin is containerd's last host: a 5xx here sends containerd there at once.
+		httpx.WriteError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "cove-cache unavailable ("+reason+"): fetch from the origin")
+		h.cfg.Observe("handoff", reason, false)
+		return
 	}
 	h.serveOrigin(w, r, req, reason)
 }

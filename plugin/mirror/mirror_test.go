@@ -33,6 +33,7 @@ func fastConfig(caches ...string) mirror.Config {
 		SlowOriginTimeout: 10 * time.Second,
 		ProbeTimeout:      200 * time.Millisecond,
 		ProbeInterval:     -1, // each test exercises the per-request detection
+		Fallback:          mirror.FallbackRelay,
 	}
 }
 
@@ -408,5 +409,29 @@ func TestBackgroundCheckBypassesDeadCache(t *testing.T) {
 	// the hung cache (300 ms or more here), generously for a loaded machine.
 	if obs.get("origin/breaker-open") != 1 || took > 2*time.Second {
 		t.Fatalf("served %v in %s; want straight to the origin", obs.counts, took)
+	}
+}
+
+// Handoff (the default): a request the cache cannot serve gets a 503 at once, so
+// containerd goes to the origin itself; nothing is relayed.
+func TestHandoff(t *testing.T) {
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 1, 1024)
+	cfg := fastConfig(refusedURL(t))
+	cfg.Fallback = mirror.FallbackHandoff
+	m, obs := startMirror(t, cfg, origin.Addr)
+	resp, err := http.Get(m.URL + "/v2/team/app/blobs/" + img.Layers[0] + "?ns=" + url.QueryEscape(origin.Addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || obs.get("handoff/connect") != 1 {
+		t.Fatalf("status %d, served %v; want a 503 hand-off", resp.StatusCode, obs.counts)
+	}
+	if n := origin.BlobGETs()[img.Layers[0]]; n != 0 {
+		t.Fatalf("cove-node fetched the blob from the origin itself (%d GETs)", n)
+	}
+	if _, err := mirror.New(mirror.Config{Fallback: "sometimes"}); err == nil {
+		t.Fatal("an unknown fallback mode was accepted")
 	}
 }

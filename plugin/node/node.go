@@ -240,7 +240,7 @@ func newMetrics() *metrics {
 		reg: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cove_node_requests_total",
-			Help: "Pull requests from containerd by where they were served from (cache, origin) and, for origin, why (breaker-open, connect, headers, status, stall, slow-origin, no-cache).",
+			Help: "Pull requests from containerd by where they were served from (cache; prefill; origin: relayed by cove-node; handoff: 503 sent so containerd fetched from the origin itself) and, for origin and handoff, why (breaker-open, connect, headers, status, stall, slow-origin, no-cache).",
 		}, []string{"served_by", "reason"}),
 		resumes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cove_node_resumes_total",
