@@ -2,14 +2,18 @@
 # install/node.sh: install cove-node on a node as containerd's registry mirror, or remove it.
 #
 # cove-node runs beside containerd as the _default registry mirror on loopback (the
-# resolver hook) and forwards pulls to cove-cache, falling back to the origin fast. This
-# release supports the mirror-only mode: containerd keeps its built-in content store.
+# resolver hook) and forwards pulls to cove-cache, falling back to the origin fast. Two
+# modes: mirror-only (the default), where containerd keeps its built-in content store, and
+# --content-hook, where cove-node also serves containerd's content store and differ as
+# proxy plugins on a socket-activated unix socket (prefill).
 #
 # What it changes (all below --root-dir, see docs/install.md):
 #   /usr/local/bin/cove-node                      the binary (--binary)
 #   /etc/systemd/system/cove-node.service         the unit, Before=containerd.service
+#   /etc/systemd/system/cove-node.socket          --content-hook only: the content socket
 #   <hosts-dir>/_default/hosts.toml               cove-node as the first mirror of every registry
 #   <containerd-config dir>/conf.d/cove-node.toml CRI's registry config_path = <hosts-dir>
+#                                                 (--content-hook: and the proxy plugins)
 #   <containerd-config>                           its `imports` lists that drop-in
 #   /var/lib/cove-node/install-backup/            what was there before, for --uninstall
 # Every file is backed up before its first change; a second run changes nothing more;
@@ -32,8 +36,13 @@ Options:
                                  a sandbox can run containerd and cove-node for real. Needs
                                  --no-restart unless DIR is /.
   --no-restart                   touch no service (no systemctl at all)
+  --content-hook                 also make cove-node containerd's content store and differ
+                                 (proxy plugins on the socket unit cove-node.socket,
+                                 /run/cove-node/content.sock); needs a version 3 or 4
+                                 containerd config. Without it (the default): mirror-only,
+                                 and a previous --content-hook install is switched back
   --uninstall                    restore every file as it was before the install, stop and
-                                 disable cove-node.service
+                                 disable cove-node.service (and cove-node.socket)
   --binary PATH                  the cove-node binary to install (default ./bin/cove-node)
   --cache URL                    a cove-cache base URL, http(s)://HOST[:PORT] (repeatable, tried
                                  in order; at least one)
@@ -67,14 +76,20 @@ HOSTS_DIR=/etc/containerd/certs.d
 CTD_CONFIG=/etc/containerd/config.toml
 CTD_BIN=
 
-# MODE is the integration mode. This release has only "mirror": cove-node is containerd's
-# _default registry mirror and containerd keeps its own content store. The content-hook
-# mode ("content") will add a socket and a [proxy_plugins] stanza: see install_content_hook.
-readonly MODE=mirror
+# MODE is the integration mode: "mirror" (the default): cove-node is containerd's
+# _default registry mirror and containerd keeps its own content store; "content"
+# (--content-hook): that, and cove-node serves containerd's content store and differ as
+# proxy plugins on a socket held by cove-node.socket (see install_content_hook).
+MODE=mirror
 
 readonly BIN_PATH=/usr/local/bin/cove-node
 readonly UNIT_NAME=cove-node.service
 readonly UNIT_PATH=/etc/systemd/system/cove-node.service
+readonly SOCKET_UNIT_NAME=cove-node.socket
+readonly SOCKET_UNIT_PATH=/etc/systemd/system/cove-node.socket
+readonly CONTENT_SOCKET=/run/cove-node/content.sock
+readonly CTD_DEFAULT_ROOT=/var/lib/containerd
+readonly CTD_DEFAULT_ADDRESS=/run/containerd/containerd.sock
 readonly STATE_DIR=/var/lib/cove-node
 readonly BACKUP_DIR=/var/lib/cove-node/install-backup
 readonly DIAL_TIMEOUT=300ms
@@ -89,6 +104,8 @@ readonly CRI_V3='plugins."io.containerd.cri.v1.images"'
 ROOT=           # ROOT_DIR without its trailing slash: "" for /
 DROPIN=         # node paths derived from the flags
 HOSTS_TOML=
+CTD_ROOT=       # --content-hook: containerd's root and gRPC socket as containerd reads them
+CTD_ADDRESS=
 STAGE=          # scratch directory, removed at exit
 CHANGING=0      # 1 once this run has changed a file: failures roll back
 UNINSTALLING=0  # 1 while --uninstall changes files
@@ -187,6 +204,7 @@ parse_args() {
 		--root-dir) need_arg "$a" $# && ROOT_DIR=$2 && shift 2 ;;
 		--no-restart) NO_RESTART=1 && shift ;;
 		--uninstall) UNINSTALL=1 && shift ;;
+		--content-hook) MODE=content && shift ;;
 		--binary) need_arg "$a" $# && BINARY=$2 && BINARY_SET=1 && shift 2 ;;
 		--cache) need_arg "$a" $# && CACHES+=("$2") && shift 2 ;;
 		--addr) need_arg "$a" $# && ADDR=$2 && ADDR_SET=1 && shift 2 ;;
@@ -221,7 +239,7 @@ validate_args() {
 		usage_error "--root-dir $ROOT_DIR: services belong to the real root; add --no-restart"
 	fi
 	if ((UNINSTALL)); then
-		if ((${#CACHES[@]} || ${#PLAIN_HTTP[@]})) || [[ -n ${BINARY_SET:-}${ADDR_SET:-}${HOSTS_SET:-}${CONFIG_SET:-} ]]; then
+		if ((${#CACHES[@]} || ${#PLAIN_HTTP[@]})) || [[ $MODE != mirror || -n ${BINARY_SET:-}${ADDR_SET:-}${HOSTS_SET:-}${CONFIG_SET:-} ]]; then
 			usage_error "--uninstall takes only --root-dir and --no-restart (the install recorded the rest)"
 		fi
 		return 0
@@ -262,6 +280,9 @@ validate_args() {
 			usage_error "--origin-plain-http '$c': want a registry HOST:PORT"
 		fi
 	done
+	if [[ $MODE == content ]] && (($(R "$CONTENT_SOCKET" | wc -c) > 107)); then
+		usage_error "--root-dir $ROOT_DIR: the content socket $(R "$CONTENT_SOCKET") is longer than a unix socket path can be (107 bytes)"
+	fi
 	if [[ ! -f $BINARY || ! -x $BINARY ]]; then
 		usage_error "--binary '$BINARY': no executable file there (build it with make build)"
 	fi
@@ -658,20 +679,29 @@ unit_file() {
 	for c in "${CACHES[@]}"; do args+=" --cache $c"; done
 	args+=" --root $(R "$STATE_DIR")"
 	for c in "${PLAIN_HTTP[@]}"; do args+=" --origin-plain-http $c"; done
+	local desc="containerd's registry mirror on loopback" socket='' restart_sec=1
+	if [[ $MODE == content ]]; then
+		args+=" --content-socket $(R "$CONTENT_SOCKET") --content-root $CTD_ROOT/io.containerd.content.v1.content --containerd-address $CTD_ADDRESS"
+		desc="containerd's registry mirror, content store and differ"
+		# containerd's content store is gone while cove-node is: come back at once (the
+		# socket unit keeps the socket, so containerd's calls wait, not fail).
+		socket=$'\n'"Requires=$SOCKET_UNIT_NAME"$'\n'"After=$SOCKET_UNIT_NAME"
+		restart_sec=0
+	fi
 	cat <<EOF
 # Installed by cove install/node.sh; node.sh --uninstall removes it. See docs/install.md.
 [Unit]
-Description=cove-node: containerd's registry mirror on loopback (cove cluster image cache)
+Description=cove-node: $desc (cove cluster image cache)
 Documentation=https://github.com/cove-oci/cove/blob/main/docs/install.md
 Before=containerd.service
 After=network-online.target
-Wants=network-online.target
+Wants=network-online.target$socket
 
 [Service]
 Type=exec
 ExecStart=$(R "$BIN_PATH") $args
 Restart=always
-RestartSec=1
+RestartSec=$restart_sec
 LimitNOFILE=1048576
 
 [Install]
@@ -683,9 +713,25 @@ EOF
 # directory. Its version must not exceed the root config's (containerd 2.3 refuses a
 # higher one; 2.0-2.2 take the highest version for the merged config and skip the root's
 # migration), so it follows the root: 2 names the old CRI plugin, 3 the image service.
+# In content-hook mode it starts with the fragment cove-node print-containerd-config
+# printed ($STAGE/fragment.toml, version 3; install_content_hook refuses a version 2 root).
 dropin_file() {
 	local plugin=$CRI_V3 version=3
 	if (($1 == 2)); then plugin=$CRI_V2 version=2; fi
+	if [[ $MODE == content ]]; then
+		cat <<EOF
+# Written by cove install/node.sh; node.sh --uninstall removes it. See docs/install.md.
+# The content hook: cove-node serves containerd's content store and differ on
+# $(R "$CONTENT_SOCKET") (held by cove-node.socket). From cove-node print-containerd-config:
+$(cat -- "$STAGE/fragment.toml")
+
+# CRI (kubelet, crictl) reads registry hosts from this one directory, where
+# _default/hosts.toml makes cove-node the first mirror of every registry.
+[$plugin.registry]
+  config_path = "$(R "$HOSTS_DIR")"
+EOF
+		return 0
+	fi
 	cat <<EOF
 # Written by cove install/node.sh; node.sh --uninstall removes it. See docs/install.md.
 # CRI (kubelet, crictl) reads registry hosts from this one directory, where
@@ -697,16 +743,86 @@ version = $version
 EOF
 }
 
-# install_content_hook is where the content-hook mode will plug in. It is not in this
-# release: cove-node refuses --content-socket. When it lands it will
-#   - add a socket under /run/cove-node/ (RuntimeDirectory=cove-node in the unit, or a
-#     cove-node.socket unit) and pass --content-socket to ExecStart;
-#   - add to the drop-in a [proxy_plugins.cove] stanza (type = "content", address = the
-#     socket) and io.containerd.content.v1.content to disabled_plugins, the way stargz,
-#     soci and nydus install their proxy plugins (FIELD-NOTES section 1);
-# all through put_file, so backup, idempotence and --uninstall stay as they are.
+# socket_unit_file: the socket unit that holds the content hook's socket, so containerd's
+# calls queue through a cove-node restart instead of failing (containerd's content store
+# is cove-node's while the hook is on).
+socket_unit_file() {
+	cat <<EOF
+# Installed by cove install/node.sh; node.sh --uninstall removes it. See docs/install.md.
+[Unit]
+Description=cove-node content hook socket (containerd's content store and differ)
+Documentation=https://github.com/cove-oci/cove/blob/main/docs/install.md
+Before=containerd.service
+
+[Socket]
+ListenStream=$(R "$CONTENT_SOCKET")
+SocketMode=0660
+DirectoryMode=0755
+RemoveOnStop=yes
+
+[Install]
+WantedBy=sockets.target
+EOF
+}
+
+# install_content_hook VERSION RECORDS (--content-hook): checks the root config (its
+# VERSION and scanned RECORDS; RECORDS empty when there is none), finds containerd's root
+# and gRPC socket, and stages the fragment that switches the hook on
+# ($STAGE/fragment.toml): `<binary> print-containerd-config --content-socket SOCKET`
+# (version 3: disabled_plugins = the built-in content store, [proxy_plugins.cove] and
+# [proxy_plugins.cove-diff], the transfer service's unpack_config, the diff service's
+# order). The socket unit, the unit's flags and the drop-in follow from these; all go
+# through put_file, so backup, idempotence and --uninstall are the mirror-only ones.
 install_content_hook() {
-	die "the content-hook mode is not in this release; cove-node supports the mirror-only mode"
+	local version=$1 recs=$2 m sock
+	sock=$(R "$CONTENT_SOCKET")
+	if ((version == 2)); then
+		die "$CTD_CONFIG has version = 2: the content hook's containerd fragment is version 3 (plugin names and disabled_plugins differ in version 2, and a drop-in cannot be newer than its root config). Migrate the config first (containerd config migrate > new.toml, review, replace; containerd 2.x's default config is version 3 or 4), or install without --content-hook (mirror-only)"
+	fi
+	CTD_ROOT=$(R "$CTD_DEFAULT_ROOT")
+	CTD_ADDRESS=$(R "$CTD_DEFAULT_ADDRESS")
+	if [[ -n $recs ]]; then
+		# Paths in the config are as containerd reads them: used as they are.
+		if m=$(rec_get "$recs" root); then CTD_ROOT=$m; fi
+		if m=$(rec_get "$recs" grpc.address); then CTD_ADDRESS=$m; fi
+	fi
+	local name v
+	for name in root grpc.address; do
+		if [[ $name == root ]]; then v=$CTD_ROOT; else v=$CTD_ADDRESS; fi
+		if [[ $v != /* || ! $v =~ ^[A-Za-z0-9._/+@-]+$ || /$v/ == */../* ]]; then
+			die "$CTD_CONFIG sets $name = \"$v\": the content hook needs an absolute path of plain characters (letters, digits, . _ / + @ -) to pass to cove-node"
+		fi
+	done
+	while [[ $CTD_ROOT == */ && $CTD_ROOT != / ]]; do CTD_ROOT=${CTD_ROOT%/}; done
+	if ! "$BINARY" print-containerd-config --content-socket "$sock" >"$STAGE/fragment.toml" 2>"$STAGE/fragment.err"; then
+		die "$BINARY print-containerd-config failed: $(head -c 500 -- "$STAGE/fragment.err")"
+	fi
+	if ! m=$(toml_scan "$STAGE/fragment.toml" "$STAGE/fragment.recs"); then
+		die "$BINARY print-containerd-config printed invalid TOML ($m)"
+	fi
+	if [[ $(rec_get "$STAGE/fragment.recs" version || true) != 3 ]] ||
+		[[ $(rec_get "$STAGE/fragment.recs" proxy_plugins.cove.address || true) != "$sock" ]]; then
+		die "$BINARY print-containerd-config printed no version 3 fragment with [proxy_plugins.cove] on $sock: is it the cove-node of this script's release?"
+	fi
+}
+
+# uninstall_socket_unit (mirror-only mode): a socket unit an earlier --content-hook run
+# installed goes, as --uninstall would take it (removed, or its backup back).
+uninstall_socket_unit() {
+	local hp kind
+	hp=$(R "$SOCKET_UNIT_PATH")
+	if [[ ! -e $hp ]] || ! in_manifest "$SOCKET_UNIT_PATH"; then return 0; fi
+	kind=$(awk -F'\t' -v p="$SOCKET_UNIT_PATH" '$3 == p { print $1; exit }' "$(manifest)")
+	run_save "$hp"
+	if [[ $kind == mod ]]; then
+		if cmp -s -- "$(R "$BACKUP_DIR/files$SOCKET_UNIT_PATH")" "$hp"; then return 0; fi
+		cp -p -- "$(R "$BACKUP_DIR/files$SOCKET_UNIT_PATH")" "$hp"
+		say "restored (content hook off): $SOCKET_UNIT_PATH"
+	else
+		rm -f -- "$hp"
+		say "removed (content hook off): $SOCKET_UNIT_PATH"
+	fi
+	CHANGED_ROLES+="socket "
 }
 
 # ---------------------------------------------------------------------------------------
@@ -958,6 +1074,17 @@ verify_with_containerd() {
 	if [[ $got != "$(R "$HOSTS_DIR")" ]]; then
 		die "containerd ($CTD_BIN) reads CRI's registry config_path as '$got', not $(R "$HOSTS_DIR"): an import loaded after the drop-in may override it"
 	fi
+	if [[ $MODE == content ]]; then
+		got=$(rec_get "$recs" proxy_plugins.cove.address || true)
+		if [[ $got != "$(R "$CONTENT_SOCKET")" ]]; then
+			die "containerd ($CTD_BIN) reads [proxy_plugins.cove] address as '$got', not $(R "$CONTENT_SOCKET"): an import loaded after the drop-in may override it"
+		fi
+		if ! rec_elems "$recs" disabled_plugins | grep -qxF io.containerd.content.v1.content; then
+			die "containerd ($CTD_BIN) does not read io.containerd.content.v1.content in disabled_plugins from the new configuration"
+		fi
+		say "checked: containerd ${CTD_VERSION:-} loads $CTD_CONFIG with CRI's registry config_path = $(R "$HOSTS_DIR") and the content hook on $(R "$CONTENT_SOCKET")"
+		return 0
+	fi
 	say "checked: containerd ${CTD_VERSION:-} loads $CTD_CONFIG with CRI's registry config_path = $(R "$HOSTS_DIR")"
 }
 
@@ -966,10 +1093,6 @@ install_main() {
 	find_containerd
 	check_containerd_version
 	if ((!NO_RESTART)) && ! command -v systemctl >/dev/null; then die "systemctl not found (use --no-restart to install files only)"; fi
-	case $MODE in
-	mirror) ;;
-	content) install_content_hook ;;
-	esac
 
 	# Read and check everything before changing anything.
 	local cfg recs=$STAGE/root.recs version=3 m
@@ -993,10 +1116,14 @@ install_main() {
 			"# cove-node drop-in, every other setting is containerd's default. --uninstall deletes it." \
 			"version = 3" \
 			"imports = [\"$(R "$DROPIN")\"]" >"$STAGE/config.toml"
+		recs=
 	fi
+	if [[ $MODE == content ]]; then install_content_hook "$version" "$recs"; fi
 	dropin_file "$version" >"$STAGE/dropin.toml"
+	if ! m=$(toml_scan "$STAGE/dropin.toml" "$STAGE/dropin.recs"); then die "the drop-in this script made is not valid TOML ($m): a bug, please report it"; fi
 	stage_hosts "$STAGE/hosts.toml"
 	unit_file >"$STAGE/unit"
+	if [[ $MODE == content ]]; then socket_unit_file >"$STAGE/socket"; fi
 	warn_hidden_hosts
 
 	# Apply: from here on a failure rolls everything back.
@@ -1005,6 +1132,11 @@ install_main() {
 	# Backups can hold registry credentials (CRI's registry.configs auth).
 	chmod 0700 -- "$(R "$BACKUP_DIR")"
 	put_file binary "$BIN_PATH" "$BINARY" 0755
+	if [[ $MODE == content ]]; then
+		put_file socket "$SOCKET_UNIT_PATH" "$STAGE/socket" 0644
+	else
+		uninstall_socket_unit
+	fi
 	put_file unit "$UNIT_PATH" "$STAGE/unit" 0644
 	put_file hosts "$HOSTS_TOML" "$STAGE/hosts.toml" 0644
 	put_file dropin "$DROPIN" "$STAGE/dropin.toml" 0644
@@ -1016,7 +1148,11 @@ install_main() {
 	if ((${#RUN_PATHS[@]} == 0)); then
 		say "nothing to change: cove-node is installed as configured"
 	else
-		say "installed cove-node (mirror-only mode) as containerd's mirror http://$ADDR; backups in $BACKUP_DIR; undo with: $PROG --uninstall${ROOT:+ --root-dir $ROOT_DIR --no-restart}"
+		if [[ $MODE == content ]]; then
+			say "installed cove-node (content-hook mode) as containerd's mirror http://$ADDR and its content store and differ on $(R "$CONTENT_SOCKET") ($CTD_ROOT/io.containerd.content.v1.content); backups in $BACKUP_DIR; undo with: $PROG --uninstall${ROOT:+ --root-dir $ROOT_DIR --no-restart}"
+		else
+			say "installed cove-node (mirror-only mode) as containerd's mirror http://$ADDR; backups in $BACKUP_DIR; undo with: $PROG --uninstall${ROOT:+ --root-dir $ROOT_DIR --no-restart}"
+		fi
 	fi
 	say "check: crictl pull IMAGE; curl -s http://$ADDR/metrics | grep cove_node_requests_total (ctr reads hosts.toml only with: ctr image pull --hosts-dir $(R "$HOSTS_DIR") IMAGE)"
 }
@@ -1026,13 +1162,29 @@ services_install() {
 		if [[ -n $ROOT ]]; then
 			say "--no-restart: no service touched (--root-dir $ROOT_DIR is not this machine's root)"
 		else
-			say "--no-restart: no service touched. To start: systemctl daemon-reload && systemctl enable --now $UNIT_NAME$(changed rootconfig || changed dropin && printf ' && systemctl restart containerd')"
+			local sock=
+			if [[ $MODE == content ]]; then sock=" && systemctl enable --now $SOCKET_UNIT_NAME"; fi
+			if [[ $MODE == mirror ]] && changed socket; then sock=" && systemctl disable --now $SOCKET_UNIT_NAME"; fi
+			say "--no-restart: no service touched. To start: systemctl daemon-reload$sock && systemctl enable --now $UNIT_NAME$(changed rootconfig || changed dropin && printf ' && systemctl restart containerd')"
 		fi
 		return 0
 	fi
-	local was_active=0
+	local was_active=0 socket_active=0
 	if systemctl is-active --quiet "$UNIT_NAME"; then was_active=1; fi
+	if systemctl is-active --quiet "$SOCKET_UNIT_NAME"; then socket_active=1; fi
+	if [[ $MODE == mirror ]] && changed socket; then
+		# The content hook off: the socket unit goes (its file is already gone).
+		systemctl disable --now "$SOCKET_UNIT_NAME" || warn "systemctl disable --now $SOCKET_UNIT_NAME failed"
+	fi
 	systemctl daemon-reload || die "systemctl daemon-reload failed"
+	if [[ $MODE == content ]]; then
+		# The socket before the service: cove-node takes it over from systemd.
+		systemctl enable --now "$SOCKET_UNIT_NAME" || die "systemctl enable --now $SOCKET_UNIT_NAME failed"
+		if ((socket_active)) && changed socket; then
+			systemctl restart "$SOCKET_UNIT_NAME" || die "systemctl restart $SOCKET_UNIT_NAME failed"
+			say "restarted $SOCKET_UNIT_NAME"
+		fi
+	fi
 	systemctl enable --now "$UNIT_NAME" || die "systemctl enable --now $UNIT_NAME failed"
 	if ((was_active)) && { changed unit || changed binary; }; then
 		systemctl restart "$UNIT_NAME" || die "systemctl restart $UNIT_NAME failed"
@@ -1042,6 +1194,7 @@ services_install() {
 		if ! systemctl restart containerd; then
 			printf '%s: error: containerd did not start with the new configuration (journalctl -u containerd)\n' "$PROG" >&2
 			if ((!was_active)); then systemctl disable --now "$UNIT_NAME" || true; fi
+			if ((!socket_active)) && [[ $MODE == content ]]; then systemctl disable --now "$SOCKET_UNIT_NAME" || true; fi
 			rollback
 			printf '%s: rolled back: the files are as they were before this run; restarting containerd on them\n' "$PROG" >&2
 			systemctl daemon-reload || true
@@ -1071,8 +1224,13 @@ uninstall_main() {
 		entries+=("$kind"$'\t'"$role"$'\t'"$p")
 	done <"$m"
 	UNINSTALLING=1
+	local socket_unit=''
+	if grep -qF -- $'\t'"socket"$'\t' "$m"; then socket_unit=$SOCKET_UNIT_NAME; fi
 	if ((!NO_RESTART)); then
 		systemctl disable --now "$UNIT_NAME" || warn "systemctl disable --now $UNIT_NAME failed"
+		if [[ -n $socket_unit ]]; then
+			systemctl disable --now "$SOCKET_UNIT_NAME" || warn "systemctl disable --now $SOCKET_UNIT_NAME failed"
+		fi
 	fi
 	for ((i = ${#entries[@]} - 1; i >= 0; i--)); do
 		IFS=$'\t' read -r kind role p <<<"${entries[$i]}"
@@ -1140,7 +1298,7 @@ uninstall_main() {
 		if [[ -n $ROOT ]]; then
 			say "--no-restart: no service touched (--root-dir $ROOT_DIR is not this machine's root)"
 		else
-			say "--no-restart: no service touched. To finish: systemctl disable --now $UNIT_NAME && systemctl daemon-reload$( ((restart_ctd)) && printf ' && systemctl restart containerd')"
+			say "--no-restart: no service touched. To finish: systemctl disable --now $UNIT_NAME${socket_unit:+ $socket_unit} && systemctl daemon-reload$( ((restart_ctd)) && printf ' && systemctl restart containerd')"
 		fi
 	fi
 	if ((left)); then die "uninstall incomplete: see the warnings above"; fi
