@@ -29,6 +29,28 @@ if need containerd "$CONTAINERD_VERSION" || need ctr "$CONTAINERD_VERSION"; then
   done_ containerd "$CONTAINERD_VERSION"; done_ ctr "$CONTAINERD_VERSION"
 fi
 
+if need containerd-shim-runc-v2 "$CONTAINERD_VERSION"; then
+  # The runc shim, for tests that run containers (`ctr run`). containerd finds it on
+  # its PATH (peers.RuntimePath puts $BIN there) or next to its own binary.
+  echo "tools: building containerd-shim-runc-v2 $CONTAINERD_VERSION"
+  go install "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION"
+  done_ containerd-shim-runc-v2 "$CONTAINERD_VERSION"
+fi
+
+# runc, which the shim runs, comes from the distribution (Debian: 1.1.5), not from here.
+if ! command -v runc >/dev/null; then
+  echo "tools: installing runc (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq runc >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    apt-get install -y -qq runc >/dev/null || {
+      echo "tools: runc is not installed and \`apt-get install runc\` failed: install runc (as root) by hand" >&2
+      exit 1; }
+  fi
+  command -v runc >/dev/null || { echo "tools: runc still not on PATH after apt-get install" >&2; exit 1; }
+  echo "tools: runc $(runc --version | head -n1) installed"
+fi
+
 if need registry "$REGISTRY_VERSION"; then
   echo "tools: building distribution registry $REGISTRY_VERSION"
   go install "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
