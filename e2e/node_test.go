@@ -193,3 +193,20 @@ func TestSlowOriginBehindHealthyCache(t *testing.T) {
 		}
 	}
 }
+
+// CRI's local pull path (use_local_image_pull) goes through cove-node too.
+func TestCRILocalPullThroughNode(t *testing.T) {
+	ctx := testCtx(t)
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 2, 1<<20)
+	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr)
+	node := peers.StartCoveNode(t, []string{cove.URL}, "--origin-plain-http", origin.Addr)
+	c := peers.StartContainerd(t, peers.WithMirror(node.URL), peers.WithCRILocalPull())
+	if err := c.CrictlPull(ctx, img.Ref); err != nil {
+		t.Fatal(err)
+	}
+	checkPulled(t, ctx, c, img)
+	if n := node.Metric(t, "cove_node_requests_total", `served_by="cache"`); n < float64(len(allBlobs(img))) {
+		t.Fatalf("cove-node served %v requests from the cache: CRI's local pull went around it", n)
+	}
+}
