@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cove-oci/cove/internal/cli"
 	"github.com/cove-oci/cove/internal/version"
 	"github.com/cove-oci/cove/proxy/route"
 	"github.com/cove-oci/cove/proxy/server"
@@ -54,16 +55,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 2
 }
 
-// repeated is a flag that may be given several times.
-type repeated []string
-
-func (r *repeated) String() string     { return strings.Join(*r, ",") }
-func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
-
 type options struct {
 	addr            string
 	storageDir      string
-	plainHTTP       repeated
+	plainHTTP       cli.Repeated
 	defaultRegistry string
 	authzTTL        time.Duration
 	stallTimeout    time.Duration
@@ -123,21 +118,6 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	return o, nil
 }
 
-func newLogger(o *options, w io.Writer) (*slog.Logger, error) {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
-	}
-	hopts := &slog.HandlerOptions{Level: level}
-	switch o.logFormat {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, hopts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, hopts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", o.logFormat)
-}
-
 func serve(args []string, stderr io.Writer) int {
 	o, err := parseServe(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -147,7 +127,7 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
 		return 2
 	}
-	log, err := newLogger(o, stderr)
+	log, err := cli.NewLogger(o.logLevel, o.logFormat, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
 		return 2

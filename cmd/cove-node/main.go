@@ -10,7 +10,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -21,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cove-oci/cove/internal/cli"
 	"github.com/cove-oci/cove/internal/version"
 	"github.com/cove-oci/cove/plugin/content"
 	"github.com/cove-oci/cove/plugin/mirror"
@@ -59,19 +59,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 2
 }
 
-type repeated []string
-
-func (r *repeated) String() string     { return strings.Join(*r, ",") }
-func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
-
 type options struct {
 	addr          string
-	caches        repeated
+	caches        cli.Repeated
 	root          string
 	contentSocket string
 	contentRoot   string
 	containerd    string
-	plainHTTP     repeated
+	plainHTTP     cli.Repeated
 	cfg           mirror.Config
 	logLevel      string
 	logFormat     string
@@ -146,21 +141,6 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	return o, nil
 }
 
-func newLogger(level, format string, w io.Writer) (*slog.Logger, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
-	}
-	opts := &slog.HandlerOptions{Level: l}
-	switch format {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", format)
-}
-
 func serve(args []string, stderr io.Writer) int {
 	o, err := parseServe(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -170,7 +150,7 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cove-node serve: %v\n", err)
 		return 2
 	}
-	log, err := newLogger(o.logLevel, o.logFormat, stderr)
+	log, err := cli.NewLogger(o.logLevel, o.logFormat, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "cove-node serve: %v\n", err)
 		return 2

@@ -49,25 +49,35 @@ func PushRandomImage(t testing.TB, registryAddr, repoAndTag string, layers int, 
 	if layers < 1 {
 		t.Fatalf("peers: PushRandomImage needs at least one layer")
 	}
-	dir := t.TempDir()
+	return pushImage(t, t.TempDir(), registryAddr, repoAndTag, "/bin/true", nil, layers, layerSize, opts)
+}
+
+// pushImage builds an image for linux on this machine's architecture with cmd as its
+// Cmd, the given first layers, then `layers` random layers of layerSize, and pushes it.
+func pushImage(t testing.TB, dir, registryAddr, repoAndTag, cmd string, first []*fileLayer, layers int, layerSize int64, opts []PushOption) Image {
+	t.Helper()
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
 	img, err := mutate.ConfigFile(img, &v1.ConfigFile{
 		OS:           "linux",
 		Architecture: runtime.GOARCH,
 		Created:      v1.Time{Time: time.Now().UTC().Truncate(time.Second)},
-		Config:       v1.Config{Cmd: []string{"/bin/true"}},
+		Config:       v1.Config{Cmd: []string{cmd}},
 		RootFS:       v1.RootFS{Type: "layers"},
 	})
 	if err != nil {
 		t.Fatalf("peers: config: %v", err)
 	}
 	out := Image{Ref: registryAddr + "/" + repoAndTag}
+	all := append([]*fileLayer(nil), first...)
 	for i := range layers {
 		l, err := writeRandomLayer(filepath.Join(dir, fmt.Sprintf("layer-%d.tar.gz", i)), fmt.Sprintf("cove/layer-%d.bin", i), layerSize)
 		if err != nil {
 			t.Fatalf("peers: layer %d: %v", i, err)
 		}
+		all = append(all, l)
+	}
+	for i, l := range all {
 		img, err = mutate.Append(img, mutate.Addendum{Layer: l, MediaType: types.OCILayer})
 		if err != nil {
 			t.Fatalf("peers: append layer %d: %v", i, err)

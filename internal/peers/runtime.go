@@ -6,7 +6,6 @@ import (
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
-	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -15,13 +14,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/google/go-containerregistry/pkg/name"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 // ShimBinary is the runc shim hack/tools.sh builds into ToolsDir (containerd's
@@ -82,58 +74,7 @@ func PushRunnableImage(t testing.TB, registryAddr, repoAndTag string, layers int
 		t.Fatalf("peers: base layer: %v", err)
 	}
 
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	img, err = mutate.ConfigFile(img, &v1.ConfigFile{
-		OS:           "linux",
-		Architecture: runtime.GOARCH,
-		Created:      v1.Time{Time: time.Now().UTC().Truncate(time.Second)},
-		Config:       v1.Config{Cmd: []string{RunnableEntrypoint}},
-		RootFS:       v1.RootFS{Type: "layers"},
-	})
-	if err != nil {
-		t.Fatalf("peers: config: %v", err)
-	}
-	out := Image{Ref: registryAddr + "/" + repoAndTag}
-	all := []*fileLayer{base}
-	for i := range layers {
-		l, err := writeRandomLayer(filepath.Join(dir, fmt.Sprintf("layer-%d.tar.gz", i)), fmt.Sprintf("cove/layer-%d.bin", i), layerSize)
-		if err != nil {
-			t.Fatalf("peers: layer %d: %v", i, err)
-		}
-		all = append(all, l)
-	}
-	for i, l := range all {
-		img, err = mutate.Append(img, mutate.Addendum{Layer: l, MediaType: types.OCILayer})
-		if err != nil {
-			t.Fatalf("peers: append layer %d: %v", i, err)
-		}
-		out.Layers = append(out.Layers, l.digest.String())
-		out.Size += l.size
-	}
-	ref, err := name.ParseReference(out.Ref, name.Insecure)
-	if err != nil {
-		t.Fatalf("peers: reference %q: %v", out.Ref, err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	ropts := []remote.Option{remote.WithContext(ctx)}
-	for _, o := range opts {
-		ropts = append(ropts, o.remote)
-	}
-	if err := remote.Write(ref, img, ropts...); err != nil {
-		t.Fatalf("peers: push %s: %v", out.Ref, err)
-	}
-	d, err := img.Digest()
-	if err != nil {
-		t.Fatalf("peers: %v", err)
-	}
-	c, err := img.ConfigName()
-	if err != nil {
-		t.Fatalf("peers: %v", err)
-	}
-	out.Digest, out.Config = d.String(), c.String()
-	return out
+	return pushImage(t, dir, registryAddr, repoAndTag, RunnableEntrypoint, []*fileLayer{base}, layers, layerSize, opts)
 }
 
 // writeFileLayer writes a gzip tar layer holding the file src as member (mode 0755),
