@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -78,26 +76,9 @@ func containerCold(b testing.TB, ctx context.Context, origin string, img peers.I
 // setup of hookedPull). Only the pull and the run are timed.
 func containerHooked(b testing.TB, ctx context.Context, cache, origin string, img peers.Image) containerRun {
 	b.Helper()
-	base := b.TempDir()
-	root := filepath.Join(base, "root")
-	sockDir, err := os.MkdirTemp("", "cvc-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer os.RemoveAll(sockDir)
-	sock := filepath.Join(sockDir, "content.sock")
-	out, err := exec.Command(peers.CoveBinary(b, "cove-node"), "print-containerd-config", "--content-socket", sock).Output()
-	if err != nil {
-		b.Fatal(err)
-	}
-	fragment := filepath.Join(base, "cove-node.toml")
-	if err := os.WriteFile(fragment, out, 0o644); err != nil {
-		b.Fatal(err)
-	}
-	node := peers.StartCoveNode(b, []string{cache}, "--origin-plain-http", origin,
-		"--content-socket", sock, "--content-root", filepath.Join(root, "io.containerd.content.v1.content"))
+	node, setup := peers.StartContentHookNode(b, []string{cache}, "--origin-plain-http", origin)
 	defer node.Stop()
-	c := peers.StartContainerdWith(b, peers.ContainerdSetup{Root: root, Imports: []string{fragment}}, peers.WithMirror(node.URL))
+	c := peers.StartContainerdWith(b, setup, peers.WithMirror(node.URL))
 	defer dropNode(c)
 	return pullAndRun(b, ctx, c, img)
 }

@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -16,26 +15,9 @@ import (
 // cache. Only the pull is timed.
 func hookedPull(b *testing.B, ctx context.Context, cache, origin string, img peers.Image) time.Duration {
 	b.Helper()
-	base := b.TempDir()
-	root := filepath.Join(base, "root")
-	sockDir, err := os.MkdirTemp("", "cvb-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer os.RemoveAll(sockDir)
-	sock := filepath.Join(sockDir, "content.sock")
-	out, err := exec.Command(peers.CoveBinary(b, "cove-node"), "print-containerd-config", "--content-socket", sock).Output()
-	if err != nil {
-		b.Fatal(err)
-	}
-	fragment := filepath.Join(base, "cove-node.toml")
-	if err := os.WriteFile(fragment, out, 0o644); err != nil {
-		b.Fatal(err)
-	}
-	node := peers.StartCoveNode(b, []string{cache}, "--origin-plain-http", origin,
-		"--content-socket", sock, "--content-root", filepath.Join(root, "io.containerd.content.v1.content"))
+	node, setup := peers.StartContentHookNode(b, []string{cache}, "--origin-plain-http", origin)
 	defer node.Stop()
-	c := peers.StartContainerdWith(b, peers.ContainerdSetup{Root: root, Imports: []string{fragment}}, peers.WithMirror(node.URL))
+	c := peers.StartContainerdWith(b, setup, peers.WithMirror(node.URL))
 	defer dropNode(c)
 	quiesce()
 	start := time.Now()

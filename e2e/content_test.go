@@ -1,41 +1,10 @@
 package e2e
 
 import (
-	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 
 	"github.com/cove-oci/cove/internal/peers"
 )
-
-// contentHook starts cove-node with the content hook over a containerd root it returns,
-// and writes the fragment cove-node print-containerd-config prints.
-func contentHook(t *testing.T, cacheURL, origin string) (node *peers.CoveNode, root, fragment string) {
-	t.Helper()
-	root = filepath.Join(t.TempDir(), "root")
-	sockDir, err := os.MkdirTemp("", "cvn-") // unix socket paths are short
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	sock := filepath.Join(sockDir, "content.sock")
-	out, err := exec.Command(peers.CoveBinary(t, "cove-node"), "print-containerd-config", "--content-socket", sock).Output()
-	if err != nil {
-		t.Fatalf("print-containerd-config: %v", err)
-	}
-	fragment = filepath.Join(t.TempDir(), "cove-node.toml")
-	if err := os.WriteFile(fragment, out, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	caches := []string{}
-	if cacheURL != "" {
-		caches = append(caches, cacheURL)
-	}
-	node = peers.StartCoveNode(t, caches, "--origin-plain-http", origin,
-		"--content-socket", sock, "--content-root", filepath.Join(root, "io.containerd.content.v1.content"))
-	return node, root, fragment
-}
 
 // With the content hook, the blobs of the manifest cove-node served are prefilled from
 // cove-cache before containerd asks: containerd downloads none itself, unpacks through
@@ -45,9 +14,9 @@ func TestContentHookPrefill(t *testing.T) {
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 4, 4<<20)
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr)
-	node, root, fragment := contentHook(t, cove.URL, origin.Addr)
+	node, setup := peers.StartContentHookNode(t, []string{cove.URL}, "--origin-plain-http", origin.Addr)
 
-	c := peers.StartContainerdWith(t, peers.ContainerdSetup{Root: root, Imports: []string{fragment}}, peers.WithMirror(node.URL))
+	c := peers.StartContainerdWith(t, setup, peers.WithMirror(node.URL))
 	if err := c.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
@@ -65,7 +34,7 @@ func TestContentHookPrefill(t *testing.T) {
 
 	// The hook off: containerd's built-in store on the same root has everything.
 	c.Stop()
-	plain := peers.StartContainerdWith(t, peers.ContainerdSetup{Root: root})
+	plain := peers.StartContainerdWith(t, peers.ContainerdSetup{Root: setup.Root})
 	checkPulled(t, ctx, plain, img)
 }
 
@@ -75,8 +44,8 @@ func TestContentHookCrictl(t *testing.T) {
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/app:v2", 2, 2<<20)
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr)
-	node, root, fragment := contentHook(t, cove.URL, origin.Addr)
-	c := peers.StartContainerdWith(t, peers.ContainerdSetup{Root: root, Imports: []string{fragment}}, peers.WithMirror(node.URL))
+	node, setup := peers.StartContentHookNode(t, []string{cove.URL}, "--origin-plain-http", origin.Addr)
+	c := peers.StartContainerdWith(t, setup, peers.WithMirror(node.URL))
 	if err := c.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
