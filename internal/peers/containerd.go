@@ -175,59 +175,7 @@ func (o containerdConfig) hostsTOML() string {
 // SIGKILL after 10 s, then any mount or shim it left behind).
 func StartContainerd(t testing.TB, opts ...ContainerdOption) *Containerd {
 	t.Helper()
-	var cfg containerdConfig
-	for _, o := range opts {
-		o(&cfg)
-	}
-	bin := Bin(t, "containerd")
-	Bin(t, "ctr") // fail early, not in the first Pull
-	base := t.TempDir()
-	sockDir := shortTempDir(t)
-	c := &Containerd{
-		Address:    filepath.Join(sockDir, "c.sock"),
-		Root:       filepath.Join(base, "root"),
-		State:      filepath.Join(sockDir, "state"), // shim sockets live here: keep it short
-		HostsDir:   filepath.Join(base, "hosts.d"),
-		ConfigPath: filepath.Join(base, "config.toml"),
-		LogPath:    filepath.Join(base, "containerd.log"),
-		dir:        sockDir,
-	}
-	cniDir := filepath.Join(base, "cni")
-	for _, d := range []string{c.Root, c.State, c.HostsDir, cniDir} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			t.Fatalf("peers: %v", err)
-		}
-	}
-	if len(cfg.mirrors) > 0 {
-		if err := os.MkdirAll(filepath.Join(c.HostsDir, "_default"), 0o755); err != nil {
-			t.Fatalf("peers: %v", err)
-		}
-		if err := os.WriteFile(filepath.Join(c.HostsDir, "_default", "hosts.toml"), []byte(cfg.hostsTOML()), 0o644); err != nil {
-			t.Fatalf("peers: %v", err)
-		}
-	}
-	if err := os.WriteFile(c.ConfigPath, []byte(cfg.toml(c.Root, c.State, c.Address, c.HostsDir, cniDir)), 0o644); err != nil {
-		t.Fatalf("peers: %v", err)
-	}
-	// crictl's own config, so it never reads /etc/crictl.yaml (and fails without one).
-	ep := "unix://" + c.Address
-	crictlYAML := fmt.Sprintf("runtime-endpoint: %s\nimage-endpoint: %s\ntimeout: 600\n", ep, ep)
-	if err := os.WriteFile(filepath.Join(sockDir, "crictl.yaml"), []byte(crictlYAML), 0o644); err != nil {
-		t.Fatalf("peers: %v", err)
-	}
-	p, err := startProc("containerd", bin, []string{"--config", c.ConfigPath}, cleanEnv(),
-		c.LogPath, c.LogPath, 10*time.Second)
-	if err != nil {
-		t.Fatalf("peers: %v", err)
-	}
-	c.proc = p
-	t.Cleanup(c.Stop)
-	if err := waitUnix(p, c.Address, 20*time.Second); err != nil {
-		c.Stop()
-		t.Fatalf("peers: containerd did not start: %v\nconfig %s\ncontainerd log %s (tail):\n%s",
-			err, c.ConfigPath, c.LogPath, logTail(c.LogPath, 40))
-	}
-	return c
+	return StartContainerdWith(t, ContainerdSetup{}, opts...)
 }
 
 // waitUnix waits until the unix socket at path accepts connections. containerd opens
