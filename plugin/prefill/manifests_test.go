@@ -31,7 +31,7 @@ func TestWhatIsPrefilled(t *testing.T) {
 			"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
 			"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
 		},
-		"oci-index.json":                nil,
+		"oci-index.json":               nil,
 		"invalid-digest-manifest.json": nil,
 	} {
 		t.Run(file, func(t *testing.T) {
