@@ -33,6 +33,7 @@ type Metrics struct {
 	BytesSent      *prometheus.CounterVec
 	OriginBytes    *prometheus.CounterVec
 	OriginRequests *prometheus.CounterVec
+	OriginRefused  *prometheus.CounterVec
 	FillDuration   *prometheus.HistogramVec
 	FillsInFlight  prometheus.GaugeFunc
 
@@ -60,6 +61,10 @@ func New(inFlight func() int) *Metrics {
 			Name: "cove_origin_requests_total",
 			Help: "Requests sent to origin registries, by registry and status code (error: no answer).",
 		}, []string{"registry", "status"}),
+		OriginRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cove_origin_refused_total",
+			Help: "Origin requests the origin policy refused before any byte was sent, by reason (denied, self, loopback, private, link-local, metadata, unspecified, multicast, reserved).",
+		}, []string{"reason"}),
 		FillDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "cove_fill_duration_seconds",
 			Help:    "Duration of origin fills, by result (ok, failed, refused).",
@@ -71,7 +76,7 @@ func New(inFlight func() int) *Metrics {
 		Name: "cove_fills_in_flight",
 		Help: "Origin fills running now.",
 	}, func() float64 { return float64(inFlight()) })
-	reg.MustRegister(m.Requests, m.BytesSent, m.OriginBytes, m.OriginRequests, m.FillDuration, m.FillsInFlight,
+	reg.MustRegister(m.Requests, m.BytesSent, m.OriginBytes, m.OriginRequests, m.OriginRefused, m.FillDuration, m.FillsInFlight,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -104,6 +109,12 @@ func (m *Metrics) OriginRequest(registry string, status int, err error) {
 		s = strconv.Itoa(status)
 	}
 	m.OriginRequests.WithLabelValues(m.RegistryLabel(registry), s).Inc()
+}
+
+// OriginRefusal counts one origin request the policy refused. reason comes from the
+// origin package's fixed set, so the label stays bounded.
+func (m *Metrics) OriginRefusal(reason string) {
+	m.OriginRefused.WithLabelValues(reason).Inc()
 }
 
 // Fill records a finished fill.

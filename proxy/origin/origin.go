@@ -3,10 +3,15 @@ package origin
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cove-oci/cove/proxy/httpx"
@@ -18,6 +23,9 @@ type Client struct {
 	http      *http.Client
 	plainHTTP map[string]bool
 	observe   func(registry string, status int, err error)
+	refused   func(registry string, err *RefusedError)
+	policy    *Policy
+	custom    bool // the transport came from WithTransport
 }
 
 // Option configures a Client.
@@ -35,7 +43,20 @@ func WithPlainHTTP(hosts ...string) Option {
 
 // WithTransport replaces the HTTP transport (tests, custom CAs).
 func WithTransport(rt http.RoundTripper) Option {
-	return func(c *Client) { c.http.Transport = rt }
+	return func(c *Client) { c.http.Transport = rt; c.custom = true }
+}
+
+// WithPolicy checks every origin dial against p (see Policy). The registries given to
+// WithPlainHTTP are allowed by name and port on top of p's rules. Without it, the client
+// contacts any origin. With WithTransport, the policy vets each request (redirects
+// included) by name and lookup instead of checking the dial itself.
+func WithPolicy(p *Policy) Option {
+	return func(c *Client) { c.policy = p }
+}
+
+// WithRefused is called for every request the policy refused (nothing was fetched).
+func WithRefused(fn func(registry string, err *RefusedError)) Option {
+	return func(c *Client) { c.refused = fn }
 }
 
 // WithObserver is called after every origin request with its status or error.
@@ -72,6 +93,19 @@ func New(opts ...Option) *Client {
 	for _, o := range opts {
 		o(c)
 	}
+	if c.policy != nil {
+		hosts := make([]string, 0, len(c.plainHTTP))
+		for h := range c.plainHTTP {
+			hosts = append(hosts, h)
+		}
+		p := c.policy.withAllowed(hosts)
+		c.policy = p
+		if c.custom {
+			c.http.Transport = vettingTransport{policy: p, next: c.http.Transport}
+		} else {
+			c.http.Transport = policyTransport(p)
+		}
+	}
 	return c
 }
 
@@ -92,7 +126,9 @@ func (c *Client) URL(registry, path string, query url.Values) string {
 
 // Do sends one request to registry. clientHeader is the client's request header, from
 // which only credentials and Accept are forwarded (see httpx.OriginRequestHeaders);
-// extra headers (Range) are added on top.
+// extra headers (Range) are added on top. A request the policy refuses (WithPolicy), at
+// any redirect, is answered by a synthetic 403 with a DENIED error naming the policy, and
+// a nil error: nothing was fetched, and callers relay it like an origin's refusal.
 func (c *Client) Do(ctx context.Context, method, registry, path string, query url.Values, clientHeader http.Header, extra http.Header) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, c.URL(registry, path, query), nil)
 	if err != nil {
@@ -102,7 +138,20 @@ func (c *Client) Do(ctx context.Context, method, registry, path string, query ur
 	for k, v := range extra {
 		req.Header[k] = v
 	}
-	resp, err := c.http.Do(req)
+	var resp *http.Response
+	if rerr := c.policy.deniedName(registry); rerr != nil {
+		err = rerr
+	} else {
+		resp, err = c.http.Do(req)
+	}
+	if refused := (*RefusedError)(nil); errors.As(err, &refused) {
+		// Nothing was fetched: answer as a registry refusing the request would, so every
+		// caller relays a 403 DENIED naming the policy (and never the refused address).
+		if c.refused != nil {
+			c.refused(registry, refused)
+		}
+		return refusedResponse(req, registry, refused.Reason), nil
+	}
 	if c.observe != nil {
 		status := 0
 		if resp != nil {
@@ -115,4 +164,36 @@ func (c *Client) Do(ctx context.Context, method, registry, path string, query ur
 		return nil, err
 	}
 	return resp, nil
+}
+
+// refusedResponse is the answer to a request the origin policy refused.
+// RefusedHeader carries the policy's message on a refused response, so a caller that
+// relays only the status of a HEAD can still say why. It is never sent to clients
+// (httpx.RelayedResponseHeaders does not list it).
+const RefusedHeader = "Cove-Origin-Refused"
+
+func refusedResponse(req *http.Request, registry, reason string) *http.Response {
+	msg := "cove-cache's origin policy refuses to contact registry " + registry + " (" + reason + " address)"
+	if reason == ReasonDenied {
+		msg = "cove-cache's origin policy refuses to contact registry " + registry + " (an --origin-deny rule)"
+	}
+	if reason == ReasonSelf {
+		msg = "cove-cache's origin policy refuses to contact registry " + registry + " (cove-cache itself)"
+	}
+	body, _ := json.Marshal(map[string]any{"errors": []map[string]string{{"code": "DENIED", "message": msg}}})
+	h := http.Header{}
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set(RefusedHeader, msg)
+	return &http.Response{
+		Status:        "403 Forbidden",
+		StatusCode:    http.StatusForbidden,
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        h,
+		Body:          io.NopCloser(strings.NewReader(string(body))),
+		ContentLength: int64(len(body)),
+		Request:       req,
+	}
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
+	"github.com/cove-oci/cove/proxy/origin"
 	"github.com/cove-oci/cove/proxy/route"
 )
 
@@ -21,8 +22,11 @@ func relay(w http.ResponseWriter, r *http.Request, status int, header http.Heade
 	}
 	if body == nil {
 		if status >= 400 {
-			code := errorCode(status, r.URL.Path)
-			httpx.WriteError(w, status, code, "origin registry answered "+http.StatusText(status))
+			code, msg := errorCode(status, r.URL.Path), "origin registry answered "+http.StatusText(status)
+			if refused := header.Get(origin.RefusedHeader); refused != "" {
+				code, msg = "DENIED", refused // the origin policy, not the origin, said no
+			}
+			httpx.WriteError(w, status, code, msg)
 			return
 		}
 		w.Header().Del("Content-Length")

@@ -37,6 +37,10 @@ type Config struct {
 	AuthzTTL time.Duration
 	// StallTimeout fails a fill whose origin sends nothing for this long (default 30 s).
 	StallTimeout time.Duration
+	// OriginPolicy decides which origins may be contacted: its zero value refuses
+	// loopback, private, link-local, metadata and other non-public addresses. The PlainHTTP
+	// origins are allowed on top of it. See docs/security.md.
+	OriginPolicy origin.PolicyConfig
 	// Transport overrides the origin transport (tests).
 	Transport http.RoundTripper
 	Logger    *slog.Logger
@@ -84,15 +88,27 @@ func New(cfg Config) (*Server, error) {
 		}
 		return fills.InFlight()
 	})
+	policy, err := origin.NewPolicy(cfg.OriginPolicy)
+	if err != nil {
+		return nil, err
+	}
 	opts := []origin.Option{
 		origin.WithPlainHTTP(cfg.PlainHTTP...),
 		origin.WithObserver(s.metrics.OriginRequest),
+		origin.WithPolicy(policy),
+		origin.WithRefused(func(registry string, rerr *origin.RefusedError) {
+			s.metrics.OriginRefusal(rerr.Reason)
+			args := []any{"registry", registry, "host", rerr.Host, "reason", rerr.Reason}
+			if rerr.Addr.IsValid() {
+				args = append(args, "address", rerr.Addr.String())
+			}
+			s.log.Warn("origin refused by policy", args...)
+		}),
 	}
 	if cfg.Transport != nil {
 		opts = append(opts, origin.WithTransport(cfg.Transport))
 	}
 	s.origin = origin.New(opts...)
-	var err error
 	fills, err = fill.NewManager(filepath.Clean(cfg.SpoolDir), s.commitFill,
 		fill.WithStallTimeout(cfg.StallTimeout),
 		fill.WithLogger(cfg.Logger),
