@@ -19,7 +19,9 @@ import (
 	"time"
 
 	"github.com/cove-oci/cove/internal/cli"
+	"github.com/cove-oci/cove/internal/tlsreload"
 	"github.com/cove-oci/cove/internal/version"
+	"github.com/cove-oci/cove/proxy/origin"
 	"github.com/cove-oci/cove/proxy/route"
 	"github.com/cove-oci/cove/proxy/server"
 	"github.com/cove-oci/cove/proxy/storage/filesystem"
@@ -59,11 +61,15 @@ type options struct {
 	addr            string
 	storageDir      string
 	plainHTTP       cli.Repeated
+	originAllow     cli.Repeated
+	originDeny      cli.Repeated
 	defaultRegistry string
 	authzTTL        time.Duration
 	stallTimeout    time.Duration
 	logLevel        string
 	logFormat       string
+	tlsCert         string
+	tlsKey          string
 }
 
 func defaultStorageDir() string {
@@ -83,11 +89,15 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:5005", "listen address `HOST:PORT`")
 	fs.StringVar(&o.storageDir, "storage-dir", defaultStorageDir(), "filesystem storage `DIR` (blobs, records, in-flight fills)")
 	fs.Var(&o.plainHTTP, "origin-plain-http", "reach this origin `HOST:PORT` over plain HTTP (repeatable; for local test registries)")
+	fs.Var(&o.originAllow, "origin-allow", "let cove-cache contact origins matching `PATTERN` (repeatable): a host glob (*.corp.example, registry.local:5000) matched against the registry name, or a CIDR (10.20.0.0/16) matched against the address dialled; loopback, private, link-local and metadata addresses are refused unless allowed")
+	fs.Var(&o.originDeny, "origin-deny", "never contact origins matching `PATTERN` (repeatable; same forms as --origin-allow); deny wins over allow")
 	fs.StringVar(&o.defaultRegistry, "default-registry", route.DockerHub, "registry for requests that name none (no ns= and no registry path prefix)")
 	fs.DurationVar(&o.authzTTL, "authz-ttl", 10*time.Second, "how long an origin's yes to a (credential, repository, object) HEAD is reused; 0 asks every time")
 	fs.DurationVar(&o.stallTimeout, "stall-timeout", 30*time.Second, "fail an origin fill that sends no byte for this long")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
+	fs.StringVar(&o.tlsCert, "tls-cert", "", "serve HTTPS with this PEM certificate (chain) `FILE`, reloaded when it changes; needs --tls-key")
+	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM private key `FILE` of --tls-cert, reloaded when it changes")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -96,6 +106,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	}
 	if _, _, err := net.SplitHostPort(o.addr); err != nil {
 		return nil, fmt.Errorf("--addr %q: want HOST:PORT: %v", o.addr, err)
+	}
+	if (o.tlsCert == "") != (o.tlsKey == "") {
+		return nil, errors.New("--tls-cert and --tls-key go together: give both to serve HTTPS, or neither for plain HTTP")
 	}
 	if o.storageDir == "" {
 		return nil, errors.New("--storage-dir must not be empty")
@@ -106,6 +119,16 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 			return nil, fmt.Errorf("--origin-plain-http %q: want a registry HOST:PORT", h)
 		}
 		o.plainHTTP[i] = norm
+	}
+	for _, rule := range []struct {
+		flag     string
+		patterns []string
+	}{{"--origin-allow", o.originAllow}, {"--origin-deny", o.originDeny}} {
+		for _, p := range rule.patterns {
+			if _, err := origin.ParsePattern(p); err != nil {
+				return nil, fmt.Errorf("%s %q: want a host glob, HOST:PORT or a CIDR: %v", rule.flag, p, err)
+			}
+		}
 	}
 	def, err := route.NormalizeHost(o.defaultRegistry)
 	if err != nil {
@@ -148,11 +171,21 @@ func serve(args []string, stderr io.Writer) int {
 		DefaultRegistry: o.defaultRegistry,
 		AuthzTTL:        authzTTL,
 		StallTimeout:    o.stallTimeout,
-		Logger:          log,
+		// The policy also refuses cove-cache's own listen address (its port included).
+		OriginPolicy: origin.PolicyConfig{Allow: o.originAllow, Deny: o.originDeny, Self: []string{o.addr}},
+		Logger:       log,
 	})
 	if err != nil {
 		log.Error("starting server failed", "error", err)
 		return 1
+	}
+	var reloader *tlsreload.Reloader
+	if o.tlsCert != "" {
+		reloader, err = tlsreload.New(o.tlsCert, o.tlsKey, tlsreload.WithLogger(log))
+		if err != nil {
+			log.Error("TLS certificate unusable (--tls-cert, --tls-key)", "tls_cert", o.tlsCert, "tls_key", o.tlsKey, "error", err)
+			return 1
+		}
 	}
 	ln, err := net.Listen("tcp", o.addr)
 	if err != nil {
@@ -169,8 +202,18 @@ func serve(args []string, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	errc := make(chan error, 1)
-	go func() { errc <- hs.Serve(ln) }()
-	log.Info("cove-cache serving", "addr", ln.Addr().String(), "storage_dir", store.Root(), "version", version.Version)
+	scheme := "http"
+	if reloader != nil {
+		// The certificate comes from GetCertificate, which re-reads rotated files.
+		hs.TLSConfig = reloader.ServerConfig()
+		scheme = "https"
+		cur := reloader.Current().Leaf
+		log.Info("TLS enabled", "tls_cert", o.tlsCert, "serial", cur.SerialNumber.String(), "not_after", cur.NotAfter)
+		go func() { errc <- hs.ServeTLS(ln, "", "") }()
+	} else {
+		go func() { errc <- hs.Serve(ln) }()
+	}
+	log.Info("cove-cache serving", "addr", ln.Addr().String(), "scheme", scheme, "storage_dir", store.Root(), "version", version.Version)
 	select {
 	case err := <-errc:
 		log.Error("server stopped", "error", err)

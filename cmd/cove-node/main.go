@@ -6,10 +6,14 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -70,6 +74,7 @@ type options struct {
 	cfg           mirror.Config
 	logLevel      string
 	logFormat     string
+	cacheCA       string
 }
 
 func parseServe(args []string, stderr io.Writer) (*options, error) {
@@ -78,6 +83,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:5006", "loopback `HOST:PORT` of the resolver hook (containerd's _default mirror)")
 	fs.Var(&o.caches, "cache", "cove-cache base `URL` (repeatable, tried in order)")
+	fs.StringVar(&o.cacheCA, "cache-ca", "", "PEM bundle `FILE` of the CA certificates that verify https:// --cache URLs, used instead of the system roots")
 	fs.StringVar(&o.root, "root", "/var/lib/cove-node", "state `DIR`")
 	fs.StringVar(&o.contentSocket, "content-socket", "", "unix socket `PATH` of the content hook; empty: mirror-only mode")
 	fs.StringVar(&o.contentRoot, "content-root", defaultContentRoot, "the content store `DIR` the content hook serves: containerd's built-in store's own directory")
@@ -136,9 +142,47 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	if o.cfg.SlowOriginTimeout < o.cfg.HeaderTimeout {
 		return nil, errors.New("--slow-origin-timeout must not be shorter than --header-timeout")
 	}
+	if o.cacheCA != "" {
+		pool, err := loadCAPool(o.cacheCA)
+		if err != nil {
+			return nil, fmt.Errorf("--cache-ca %q: %v", o.cacheCA, err)
+		}
+		o.cfg.TLSConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
 	o.cfg.Caches = o.caches
 	o.cfg.PlainHTTP = o.plainHTTP
 	return o, nil
+}
+
+// loadCAPool reads a PEM bundle of CA certificates; a bundle with none is an error (an
+// empty pool would fail every handshake, far from its cause).
+func loadCAPool(path string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	n := 0
+	for rest := b; ; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %v", n+1, err)
+		}
+		pool.AddCert(c)
+		n++
+	}
+	if n == 0 {
+		return nil, errors.New("no PEM CERTIFICATE block in the file")
+	}
+	return pool, nil
 }
 
 func serve(args []string, stderr io.Writer) int {
@@ -171,10 +215,47 @@ func serve(args []string, stderr io.Writer) int {
 		return 1
 	}
 	log.Info("cove-node serving", "addr", agent.Addr, "content_socket", agent.ContentSocket, "version", version.Version)
+	go checkCacheTLS(ctx, log, o.caches, o.cfg.TLSConfig, o.cfg.ConnectTimeout)
 	<-ctx.Done()
 	log.Info("shutting down")
 	agent.Close()
 	return 0
+}
+
+// checkCacheTLS makes one TLS handshake with each https:// cache at start and logs a
+// certificate that does not verify, with the reason: the health probes that then keep the
+// cache bypassed only say it is unhealthy. A cache that is not up yet is not reported.
+func checkCacheTLS(ctx context.Context, log *slog.Logger, caches []string, cfg *tls.Config, connectTimeout time.Duration) {
+	for _, c := range caches {
+		u, err := url.Parse(c)
+		if err != nil || u.Scheme != "https" {
+			continue
+		}
+		host := u.Host
+		if u.Port() == "" {
+			host = net.JoinHostPort(u.Hostname(), "443")
+		}
+		tc := &tls.Config{MinVersion: tls.VersionTLS12}
+		if cfg != nil {
+			tc = cfg.Clone()
+		}
+		tc.ServerName = u.Hostname()
+		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: connectTimeout}, Config: tc}
+		hctx, cancel := context.WithTimeout(ctx, connectTimeout+2*time.Second)
+		conn, err := d.DialContext(hctx, "tcp", host)
+		cancel()
+		if err == nil {
+			conn.Close()
+			continue
+		}
+		var verr *tls.CertificateVerificationError
+		if errors.As(err, &verr) {
+			log.Error("cove-cache's TLS certificate does not verify (check --cache-ca and the certificate's names): pulls will go to the origin",
+				"cache", c, "error", err)
+		} else {
+			log.Debug("TLS check of cove-cache failed", "cache", c, "error", err)
+		}
+	}
 }
 
 const defaultContentRoot = "/var/lib/containerd/io.containerd.content.v1.content"

@@ -2,8 +2,19 @@ package main
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestBadFlagsFailClearly(t *testing.T) {
@@ -51,5 +62,51 @@ func TestPrintContainerdConfig(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("fragment lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+func TestTLSCacheCA(t *testing.T) {
+	dir := t.TempDir()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := filepath.Join(dir, "ca.pem")
+	mustWrite(t, good, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	empty := filepath.Join(dir, "empty.pem")
+	mustWrite(t, empty, nil)
+	keyOnly := filepath.Join(dir, "key.pem")
+	mustWrite(t, keyOnly, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: []byte("x")}))
+	broken := filepath.Join(dir, "broken.pem")
+	mustWrite(t, broken, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("not DER")}))
+
+	for _, f := range []string{filepath.Join(dir, "missing.pem"), empty, keyOnly, broken} {
+		var out, errb bytes.Buffer
+		if code := run([]string{"serve", "--cache", "https://cache:5005", "--cache-ca", f}, &out, &errb); code != 2 || !strings.Contains(errb.String(), "--cache-ca") {
+			t.Errorf("--cache-ca %s: exit %d, %q; want 2 mentioning --cache-ca", f, code, errb.String())
+		}
+	}
+	var errb bytes.Buffer
+	o, err := parseServe([]string{"--cache", "https://cache:5005", "--cache-ca", good}, &errb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.cfg.TLSConfig == nil || o.cfg.TLSConfig.RootCAs == nil || o.cfg.TLSConfig.MinVersion != tls.VersionTLS12 {
+		t.Fatalf("TLSConfig = %+v", o.cfg.TLSConfig)
+	}
+	if o, err = parseServe([]string{"--cache", "https://cache:5005"}, &errb); err != nil || o.cfg.TLSConfig != nil {
+		t.Fatalf("without --cache-ca: TLSConfig %+v, %v; want nil (system roots)", o.cfg.TLSConfig, err)
+	}
+}
+
+func mustWrite(t *testing.T, path string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
 	}
 }

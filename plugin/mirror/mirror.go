@@ -13,6 +13,7 @@ package mirror
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -69,6 +70,10 @@ type Config struct {
 	// (default 1 s; negative: never), so a cache that died between pulls is bypassed
 	// before the next pull asks it anything.
 	ProbeInterval time.Duration
+	// TLSConfig, when set, is the TLS client configuration for https:// cove-cache URLs
+	// (for example RootCAs from cove-node's --cache-ca); nil uses the system roots. It is
+	// not used when Transport is set.
+	TLSConfig *tls.Config
 	// Transport overrides the transport to cove-cache (tests); OriginTransport, to origins.
 	Transport       http.RoundTripper
 	OriginTransport http.RoundTripper
@@ -177,6 +182,7 @@ func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
 				IdleConnTimeout:     90 * time.Second,
 				DisableCompression:  true,
 				TLSHandshakeTimeout: 2 * time.Second,
+				TLSClientConfig:     cfg.TLSConfig.Clone(), // nil stays nil
 			}
 		}
 		client := &http.Client{
