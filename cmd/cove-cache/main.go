@@ -66,6 +66,8 @@ type options struct {
 	defaultRegistry string
 	authzTTL        time.Duration
 	stallTimeout    time.Duration
+	offline         string
+	offlineMaxAge   time.Duration
 	logLevel        string
 	logFormat       string
 	tlsCert         string
@@ -92,7 +94,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.Var(&o.originAllow, "origin-allow", "let cove-cache contact origins matching `PATTERN` (repeatable): a host glob (*.corp.example, registry.local:5000) matched against the registry name, or a CIDR (10.20.0.0/16) matched against the address dialled; loopback, private, link-local and metadata addresses are refused unless allowed")
 	fs.Var(&o.originDeny, "origin-deny", "never contact origins matching `PATTERN` (repeatable; same forms as --origin-allow); deny wins over allow")
 	fs.StringVar(&o.defaultRegistry, "default-registry", route.DockerHub, "registry for requests that name none (no ns= and no registry path prefix)")
-	fs.DurationVar(&o.authzTTL, "authz-ttl", 10*time.Second, "how long an origin's yes to a (credential, repository, object) HEAD is reused; 0 asks every time")
+	fs.DurationVar(&o.authzTTL, "authz-ttl", 10*time.Second, "how long the origin's yes to a credential for a repository lets its cached objects be served without asking; 0 asks every time")
+	fs.StringVar(&o.offline, "offline", server.OfflineDeny, "when the origin cannot answer: deny (serve nothing cached) or recent (serve credentials allowed within --offline-max-age; tags resolve to the last digest seen, marked stale)")
+	fs.DurationVar(&o.offlineMaxAge, "offline-max-age", time.Hour, "with --offline recent: the oldest allowance that still serves")
 	fs.DurationVar(&o.stallTimeout, "stall-timeout", 30*time.Second, "fail an origin fill that sends no byte for this long")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
@@ -135,6 +139,12 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		return nil, fmt.Errorf("--default-registry %q: not a registry host", o.defaultRegistry)
 	}
 	o.defaultRegistry = def
+	if o.offline != server.OfflineDeny && o.offline != server.OfflineRecent {
+		return nil, fmt.Errorf("--offline %q: want deny or recent", o.offline)
+	}
+	if o.offlineMaxAge <= 0 {
+		return nil, errors.New("--offline-max-age must be positive")
+	}
 	if o.authzTTL < 0 || o.stallTimeout <= 0 {
 		return nil, errors.New("--authz-ttl must be >= 0 and --stall-timeout > 0")
 	}
@@ -171,6 +181,8 @@ func serve(args []string, stderr io.Writer) int {
 		DefaultRegistry: o.defaultRegistry,
 		AuthzTTL:        authzTTL,
 		StallTimeout:    o.stallTimeout,
+		Offline:         o.offline,
+		OfflineMaxAge:   o.offlineMaxAge,
 		// The policy also refuses cove-cache's own listen address (its port included).
 		OriginPolicy: origin.PolicyConfig{Allow: o.originAllow, Deny: o.originDeny, Self: []string{o.addr}},
 		Logger:       log,

@@ -22,6 +22,8 @@ func TestBadFlagsFailClearly(t *testing.T) {
 		{[]string{"serve", "--storage-dir", ""}, "--storage-dir"},
 		{[]string{"serve", "--stall-timeout", "0s"}, "--stall-timeout"},
 		{[]string{"serve", "--log-level", "loud"}, "--log-level"},
+		{[]string{"serve", "--offline", "sometimes"}, "--offline"},
+		{[]string{"serve", "--offline", "recent", "--offline-max-age", "0s"}, "--offline-max-age"},
 		{[]string{"serve", "--log-format", "xml"}, "--log-format"},
 		{[]string{"serve", "--no-such-flag"}, "no-such-flag"},
 		{[]string{"serve", "extra"}, "unexpected argument"},

@@ -23,6 +23,7 @@ const (
 	ResultError       = "error"       // origin unreachable or failed, or a cove fault
 	ResultPassthrough = "passthrough" // relayed without caching (tags, referrers, HEAD misses)
 	ResultInvalid     = "invalid"     // refused as malformed
+	ResultStale       = "stale"       // served by the offline policy, the origin unreachable
 )
 
 // Metrics holds the collectors.
@@ -36,6 +37,7 @@ type Metrics struct {
 	OriginRefused  *prometheus.CounterVec
 	FillDuration   *prometheus.HistogramVec
 	FillsInFlight  prometheus.GaugeFunc
+	AuthzChecks    prometheus.Counter
 
 	labels *labelLimiter
 }
@@ -72,6 +74,11 @@ func New(inFlight func() int) *Metrics {
 		}, []string{"result"}),
 		labels: &labelLimiter{max: 200, seen: map[string]bool{}},
 	}
+	m.AuthzChecks = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "cove_authz_checks_total",
+		Help: "Authorization checks sent to origins for cached objects (a HEAD with the client's credentials), when no fresh allowance and membership answered.",
+	})
+	reg.MustRegister(m.AuthzChecks)
 	m.FillsInFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "cove_fills_in_flight",
 		Help: "Origin fills running now.",
@@ -84,6 +91,9 @@ func New(inFlight func() int) *Metrics {
 // RegistryLabel bounds the registry label's cardinality: registry names come from clients,
 // so past a fixed number of distinct values the rest are counted as "other".
 func (m *Metrics) RegistryLabel(registry string) string { return m.labels.label(registry) }
+
+// AuthzCheck counts one authorization check at an origin.
+func (m *Metrics) AuthzCheck() { m.AuthzChecks.Inc() }
 
 // Request counts one request.
 func (m *Metrics) Request(operation, result string) {

@@ -7,8 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/opencontainers/go-digest"
-
 	"github.com/cove-oci/cove/proxy/httpx"
 )
 
@@ -25,56 +23,62 @@ func owner(h http.Header, registry, repo string) string {
 	return credentialHash(h) + "|" + registry + "|" + repo
 }
 
-// authzCache remembers, briefly, that the origin let a credential read one object in one
-// repository. Only yes answers are kept; a refusal is asked again every time.
-type authzCache struct {
-	ttl time.Duration
-	mu  sync.Mutex
-	m   map[authzKey]time.Time
+// allowances remembers when the origin last let a credential read from a repository:
+// (credential hash, registry, repository) -> time of the origin's last yes. It is learned
+// from any 200 the origin gave that credential in that repository. A yes younger than the
+// TTL lets cached objects of the repository be served without asking again; an older one
+// still counts for the offline policy, up to its own bound. A refusal is never kept: the
+// next request asks the origin again.
+type allowances struct {
+	ttl  time.Duration // < 0: never reuse
+	keep time.Duration // how long a yes is remembered at all (max of ttl and the offline bound)
+	mu   sync.Mutex
+	m    map[string]time.Time
+	now  func() time.Time
 }
 
-type authzKey struct {
-	owner  string
-	digest digest.Digest
+func newAllowances(ttl, offlineMaxAge time.Duration) *allowances {
+	return &allowances{ttl: ttl, keep: max(ttl, offlineMaxAge), m: map[string]time.Time{}, now: time.Now}
 }
 
-func newAuthzCache(ttl time.Duration) *authzCache {
-	return &authzCache{ttl: ttl, m: map[authzKey]time.Time{}}
-}
-
-func (c *authzCache) allowed(owner string, d digest.Digest) bool {
-	if c.ttl < 0 {
+// fresh reports whether owner has a yes younger than the TTL.
+func (a *allowances) fresh(owner string) bool {
+	if a.ttl <= 0 {
 		return false
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	exp, ok := c.m[authzKey{owner, d}]
-	if ok && time.Now().Before(exp) {
-		return true
-	}
-	if ok {
-		delete(c.m, authzKey{owner, d})
-	}
-	return false
+	age, ok := a.age(owner)
+	return ok && age < a.ttl
 }
 
-func (c *authzCache) allow(owner string, d digest.Digest) {
-	if c.ttl <= 0 {
+// age returns how old owner's last yes is.
+func (a *allowances) age(owner string) (time.Duration, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	t, ok := a.m[owner]
+	if !ok {
+		return 0, false
+	}
+	return a.now().Sub(t), true
+}
+
+// allow records the origin's yes for owner now.
+func (a *allowances) allow(owner string) {
+	if a.keep <= 0 {
 		return
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	now := time.Now()
-	if len(c.m) > 100000 {
-		// Bound memory: drop expired entries, and everything if that was not enough.
-		for k, exp := range c.m {
-			if now.After(exp) {
-				delete(c.m, k)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	now := a.now()
+	if len(a.m) >= 100000 {
+		// Bound memory: drop what is too old to matter, and everything if that was not enough.
+		for k, t := range a.m {
+			if now.Sub(t) > a.keep {
+				delete(a.m, k)
 			}
 		}
-		if len(c.m) > 100000 {
-			clear(c.m)
+		if len(a.m) >= 100000 {
+			clear(a.m)
 		}
 	}
-	c.m[authzKey{owner, d}] = now.Add(c.ttl)
+	a.m[owner] = now
 }

@@ -40,6 +40,10 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Re
 			return
 		}
 		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			s.allow.allow(owner(r.Header, req.Registry, req.Repository))
+			s.addMember(ctx, req.Registry, req.Repository, req.Digest)
+		}
 		s.metrics.Request("blob", metrics.ResultPassthrough)
 		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return
@@ -47,28 +51,71 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Re
 	s.serveFromFill(w, r, req, path)
 }
 
-// authorize asks the origin, with the client's own credentials, whether this client may
-// read this object in this repository (a HEAD), unless a recent yes is remembered. On no,
-// it relays the origin's answer (a 401 challenge included) and returns false.
+// authorize decides whether this client may be served this cached object of this
+// repository. It may without asking the origin when its credential has a fresh allowance
+// for the repository and the object is a member of the repository; otherwise it asks the
+// origin with the client's own credentials (a HEAD of the object there), which teaches
+// both. On no, it relays the origin's answer (a 401 challenge included) and returns false.
+// When the origin cannot answer, the offline policy decides.
 func (s *Server) authorize(w http.ResponseWriter, r *http.Request, req *route.Request, path string, d digest.Digest) bool {
+	ctx := r.Context()
 	own := owner(r.Header, req.Registry, req.Repository)
-	if s.authz.allowed(own, d) {
+	member := s.isMember(ctx, req.Registry, req.Repository, d)
+	if member && s.allow.fresh(own) {
 		return true
 	}
-	resp, err := s.origin.Do(r.Context(), http.MethodHead, req.Registry, path, nil, r.Header, nil)
-	if err != nil {
-		// Never serve a cached byte the origin has not allowed; containerd falls back.
-		s.originUnavailable(w, req, req.Kind.String(), err)
+	s.metrics.AuthzCheck()
+	resp, err := s.origin.Do(ctx, http.MethodHead, req.Registry, path, nil, r.Header, nil)
+	if err != nil || resp.StatusCode >= 500 {
+		if resp != nil {
+			resp.Body.Close()
+		}
+		if member && s.offlineAllows(own) {
+			s.markStale(w, req)
+			return true
+		}
+		if err != nil {
+			// Never serve a cached byte the origin has not allowed; containerd falls back.
+			s.originUnavailable(w, req, req.Kind.String(), err)
+			return false
+		}
+		s.metrics.Request(req.Kind.String(), metrics.ResultError)
+		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return false
 	}
 	resp.Body.Close()
-	if resp.StatusCode == http.StatusOK {
-		s.authz.allow(own, d)
+	switch resp.StatusCode {
+	case http.StatusOK:
+		s.allow.allow(own)
+		if req.Kind == route.KindManifest {
+			s.learnManifest(ctx, req.Registry, req.Repository, d, nil)
+		} else {
+			s.addMember(ctx, req.Registry, req.Repository, d)
+		}
 		return true
+	case http.StatusNotFound:
+		s.dropMember(ctx, req.Registry, req.Repository, d)
 	}
 	s.metrics.Request(req.Kind.String(), resultForStatus(resp.StatusCode))
 	relay(w, r, resp.StatusCode, resp.Header, nil)
 	return false
+}
+
+// offlineAllows is the offline policy for a credential when the origin cannot answer:
+// deny always says no; recent says yes to an allowance younger than the bound.
+func (s *Server) offlineAllows(own string) bool {
+	if s.offline != OfflineRecent {
+		return false
+	}
+	age, ok := s.allow.age(own)
+	return ok && age <= s.offlineMaxAge
+}
+
+// markStale labels a response served while the origin could not be asked.
+func (s *Server) markStale(w http.ResponseWriter, req *route.Request) {
+	w.Header().Set("Warning", `110 cove-cache "Response is Stale: origin unreachable, served by the offline policy"`)
+	s.metrics.Request(req.Kind.String(), metrics.ResultStale)
+	s.log.Warn("origin unreachable: serving by the offline policy", "registry", req.Registry, "repository", req.Repository, "kind", req.Kind.String())
 }
 
 // serveStored serves a verified blob from storage, whole or one range of it.
@@ -188,6 +235,10 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 		result := metrics.ResultMiss
 		if !started {
 			result = metrics.ResultCoalesced
+		} else {
+			// The origin just answered this credential 200 for this blob in this repository.
+			s.allow.allow(own)
+			s.addMember(ctx, req.Registry, req.Repository, req.Digest)
 		}
 		s.metrics.Request("blob", result)
 		s.streamFill(w, r, req, f)

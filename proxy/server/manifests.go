@@ -38,10 +38,19 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req 
 	ctx := r.Context()
 	tagPath := manifestPath(req, req.Tag)
 	resp, err := s.origin.Do(ctx, http.MethodHead, req.Registry, tagPath, nil, r.Header, nil)
-	if err != nil {
-		// Serving the last digest seen while the origin is down is a tenancy policy
-		// (issue: multi-tenancy); until then the client falls back to the origin.
-		s.originUnavailable(w, req, "manifest", err)
+	if err != nil || resp.StatusCode >= 500 {
+		if resp != nil {
+			resp.Body.Close()
+		}
+		if s.serveStaleTag(w, r, req) {
+			return
+		}
+		if err != nil {
+			s.originUnavailable(w, req, "manifest", err)
+			return
+		}
+		s.metrics.Request("manifest", metrics.ResultError)
+		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return
 	}
 	resp.Body.Close()
@@ -56,8 +65,9 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req 
 		s.fetchManifest(w, r, req, tagPath, "")
 		return
 	}
-	// The origin just let this credential read this tag, which is d.
-	s.authz.allow(owner(r.Header, req.Registry, req.Repository), d)
+	// The origin just let this credential read this tag, which is d, in this repository.
+	s.allow.allow(owner(r.Header, req.Registry, req.Repository))
+	s.learnManifest(ctx, req.Registry, req.Repository, d, nil)
 	s.rememberTag(ctx, req.Registry, req.Repository, req.Tag, d, resp.Header.Get("Content-Type"))
 	if mediaType, size, ok := s.cachedManifest(r, req.Registry, d); ok {
 		s.metrics.Request("manifest", metrics.ResultHit)
@@ -95,6 +105,30 @@ func (s *Server) serveManifestByDigest(w http.ResponseWriter, r *http.Request, r
 		return
 	}
 	s.fetchManifest(w, r, req, path, d)
+}
+
+// serveStaleTag answers a tag the origin could not resolve, under the offline policy
+// "recent": the last digest seen for it, if that manifest is cached, is a member of the
+// repository, and this credential's allowance for the repository is recent enough.
+func (s *Server) serveStaleTag(w http.ResponseWriter, r *http.Request, req *route.Request) bool {
+	if s.offline != OfflineRecent || !s.offlineAllows(owner(r.Header, req.Registry, req.Repository)) {
+		return false
+	}
+	b, err := s.store.GetRecord(r.Context(), tagKey(req.Registry, req.Repository, req.Tag))
+	if err != nil {
+		return false
+	}
+	var rec tagRecord
+	if json.Unmarshal(b, &rec) != nil || rec.Digest.Validate() != nil || !s.isMember(r.Context(), req.Registry, req.Repository, rec.Digest) {
+		return false
+	}
+	mediaType, size, ok := s.cachedManifest(r, req.Registry, rec.Digest)
+	if !ok {
+		return false
+	}
+	s.markStale(w, req)
+	s.serveStoredDigest(w, r, req.Registry, rec.Digest, size, mediaType)
+	return true
 }
 
 // cachedManifest reports whether the manifest d, fetched from registry, is stored.
@@ -167,6 +201,9 @@ func (s *Server) fetchManifest(w http.ResponseWriter, r *http.Request, req *rout
 	if err := s.storeManifest(r, req.Registry, d, mediaType, body); err != nil {
 		s.log.Error("storing manifest failed", "registry", req.Registry, "digest", d, "error", err)
 	}
+	// The origin served this manifest to this credential in this repository.
+	s.allow.allow(owner(r.Header, req.Registry, req.Repository))
+	s.learnManifest(ctx, req.Registry, req.Repository, d, body)
 	s.metrics.Request("manifest", metrics.ResultMiss)
 	h := w.Header()
 	h.Set("Content-Type", mediaType)

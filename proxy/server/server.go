@@ -32,9 +32,16 @@ type Config struct {
 	PlainHTTP []string
 	// DefaultRegistry receives requests that name no registry (default docker.io).
 	DefaultRegistry string
-	// AuthzTTL is how long an origin's yes for (credential, registry, repository, digest)
-	// is remembered (default 10 s). A no is never remembered.
+	// AuthzTTL is how long the origin's yes to a credential for a repository lets cached
+	// objects of that repository be served without asking again (default 10 s; < 0:
+	// never). A no is never remembered.
 	AuthzTTL time.Duration
+	// Offline is the policy when the origin cannot answer (unreachable or 5xx):
+	// OfflineDeny (default) serves nothing cached; OfflineRecent serves a credential
+	// whose allowance for the repository is younger than OfflineMaxAge, and resolves tags
+	// to the last digest seen, marked stale.
+	Offline       string
+	OfflineMaxAge time.Duration
 	// StallTimeout fails a fill whose origin sends nothing for this long (default 30 s).
 	StallTimeout time.Duration
 	// OriginPolicy decides which origins may be contacted: its zero value refuses
@@ -46,6 +53,12 @@ type Config struct {
 	Logger    *slog.Logger
 }
 
+// Offline policies (Config.Offline).
+const (
+	OfflineDeny   = "deny"
+	OfflineRecent = "recent"
+)
+
 // Server serves the distribution API.
 type Server struct {
 	store   storage.Driver
@@ -53,9 +66,12 @@ type Server struct {
 	origin  *origin.Client
 	fills   *fill.Manager
 	metrics *metrics.Metrics
-	authz   *authzCache
-	log     *slog.Logger
-	mux     *http.ServeMux
+	allow   *allowances
+
+	offline       string
+	offlineMaxAge time.Duration
+	log           *slog.Logger
+	mux           *http.ServeMux
 }
 
 // New builds a Server.
@@ -72,14 +88,26 @@ func New(cfg Config) (*Server, error) {
 	if cfg.AuthzTTL == 0 {
 		cfg.AuthzTTL = 10 * time.Second
 	}
+	if cfg.Offline == "" {
+		cfg.Offline = OfflineDeny
+	}
+	if cfg.Offline != OfflineDeny && cfg.Offline != OfflineRecent {
+		return nil, fmt.Errorf("server: offline policy %q: want %s or %s", cfg.Offline, OfflineDeny, OfflineRecent)
+	}
+	if cfg.OfflineMaxAge == 0 {
+		cfg.OfflineMaxAge = time.Hour
+	}
 	if cfg.StallTimeout == 0 {
 		cfg.StallTimeout = 30 * time.Second
 	}
 	s := &Server{
 		store:  cfg.Storage,
 		router: route.Router{DefaultRegistry: cfg.DefaultRegistry},
-		authz:  newAuthzCache(cfg.AuthzTTL),
-		log:    cfg.Logger,
+		allow:  newAllowances(cfg.AuthzTTL, cfg.OfflineMaxAge),
+
+		offline:       cfg.Offline,
+		offlineMaxAge: cfg.OfflineMaxAge,
+		log:           cfg.Logger,
 	}
 	var fills *fill.Manager
 	s.metrics = metrics.New(func() int {
