@@ -55,15 +55,20 @@ func (s *served) observe(by, reason string, resumed bool) {
 	s.counts[k]++
 }
 
-// get returns how many requests were served as k, waiting briefly: a handler records its
-// outcome just after its last byte, which the client may already have read.
-func (s *served) get(k string) int {
+// get returns how many requests were served as k, waiting briefly for at least one: a
+// handler records its outcome just after its last byte, which the client may already
+// have read.
+func (s *served) get(k string) int { return s.wait(k, 1) }
+
+// wait returns how many requests were served as k once there are at least want, or
+// after a second.
+func (s *served) wait(k string, want int) int {
 	deadline := time.Now().Add(time.Second)
 	for {
 		s.mu.Lock()
 		n := s.counts[k]
 		s.mu.Unlock()
-		if n > 0 || time.Now().After(deadline) {
+		if n >= want || time.Now().After(deadline) {
 			return n
 		}
 		time.Sleep(5 * time.Millisecond)
@@ -129,7 +134,7 @@ func TestServedByCache(t *testing.T) {
 			t.Fatal("wrong blob")
 		}
 	}
-	if obs.get("cache") != 2 || origin.BlobGETs()[img.Layers[0]] != 1 {
+	if obs.wait("cache", 2) != 2 || origin.BlobGETs()[img.Layers[0]] != 1 {
 		t.Fatalf("served %v, origin GETs %d", obs.counts, origin.BlobGETs()[img.Layers[0]])
 	}
 }
@@ -331,7 +336,7 @@ func TestSlowOriginBehindHealthyCache(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	if obs.get("cache") != 6 {
+	if obs.wait("cache", 6) != 6 {
 		t.Fatalf("served %v: every node should have waited on the healthy cache", obs.counts)
 	}
 	if n := origin.BlobGETs()[img.Layers[0]]; n != 1 {
