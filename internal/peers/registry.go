@@ -44,6 +44,7 @@ type RegistryOption func(*registryConfig)
 type registryConfig struct {
 	proxyRemote string
 	users       map[string]string
+	auth        string // an "auth:" stanza set by options in other files (WithTokenAuth)
 }
 
 // WithHtpasswd makes the registry require HTTP basic authentication for user (it
@@ -136,6 +137,7 @@ http:
 		}
 		conf += fmt.Sprintf("auth:\n  htpasswd:\n    realm: cove-test\n    path: %s\n", htpasswd)
 	}
+	conf += cfg.auth
 	confPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		return nil, err
@@ -154,7 +156,7 @@ http:
 		return nil, err
 	}
 	r.proc = p
-	if err := waitHTTP(p, r.URL+"/v2/", 15*time.Second, len(cfg.users) > 0); err != nil {
+	if err := waitHTTP(p, r.URL+"/v2/", 15*time.Second, len(cfg.users) > 0 || cfg.auth != ""); err != nil {
 		p.stop()
 		return nil, fmt.Errorf("registry at %s did not start: %v\nregistry log %s (tail):\n%s",
 			addr, err, p.logPath, logTail(p.logPath, 30))
