@@ -3,9 +3,14 @@ package server_test
 import (
 	"encoding/base64"
 	"net/http"
+	"net/http/httptest"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -117,5 +122,61 @@ func TestOfflinePolicy(t *testing.T) {
 	time.Sleep(maxAge)
 	if resp, _, _ := do(t, http.MethodGet, c.url(origin.Addr, "/v2/team/app/blobs/"+img.Layers[0]), alice); resp.StatusCode < 500 {
 		t.Fatalf("served past the offline bound: %d", resp.StatusCode)
+	}
+}
+
+// A lying registry that answers 200 to every HEAD and serves a manifest listing another
+// registry's cached layers unlocks none of them: membership in its repository is not
+// provenance, and only bytes fetched from it could ever be served for it.
+func TestLyingRegistryManifestUnlocksNothing(t *testing.T) {
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team-a/app:v1", 2, 4096)
+	lie := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"` +
+		img.Config + `","size":1},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"` + img.Layers[0] + `","size":4096},{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"` + img.Layers[1] + `","size":4096}]}`)
+	lieDigest := digest.FromBytes(lie).String()
+	var liarBlobGETs atomic.Int32
+	liar := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/manifests/") && !strings.Contains(r.URL.Path, img.Digest) {
+			w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+			w.Header().Set("Docker-Content-Digest", lieDigest)
+			w.Header().Set("Content-Length", strconv.Itoa(len(lie)))
+			if r.Method == http.MethodGet {
+				w.Write(lie)
+			}
+			return
+		}
+		// Every other HEAD: yes. Every GET: zeros.
+		w.Header().Set("Content-Length", "4096")
+		w.WriteHeader(200)
+		if r.Method == http.MethodGet {
+			liarBlobGETs.Add(1)
+			w.Write(make([]byte, 4096))
+		}
+	}))
+	defer liar.Close()
+	liarAddr := strings.TrimPrefix(liar.URL, "http://")
+	c := newCache(t, origin.Addr, liarAddr)
+	// team-a's image is cached from its real registry.
+	mustGet(t, c.url(origin.Addr, "/v2/team-a/app/manifests/v1"), map[string]string{"Accept": acceptManifests}, 200)
+	for _, d := range append([]string{img.Config}, img.Layers...) {
+		mustGet(t, c.url(origin.Addr, "/v2/team-a/app/blobs/"+d), nil, 200)
+	}
+	c.settle(t)
+	// The liar's manifest, listing those layers, is served and cached for the liar.
+	if _, body := mustGet(t, c.url(liarAddr, "/v2/team-a/app/manifests/v1"), map[string]string{"Accept": acceptManifests}, 200); string(body) != string(lie) {
+		t.Fatal("liar's manifest")
+	}
+	// Neither the real manifest nor any real blob comes out under the liar's name.
+	if resp, body, _ := do(t, http.MethodGet, c.url(liarAddr, "/v2/team-a/app/manifests/"+img.Digest), map[string]string{"Accept": acceptManifests}); resp != nil && sha(body) == img.Digest {
+		t.Fatal("the real manifest was served for the liar")
+	}
+	for _, d := range append([]string{img.Config}, img.Layers...) {
+		_, body, _ := do(t, http.MethodGet, c.url(liarAddr, "/v2/team-a/app/blobs/"+d), nil)
+		if sha(body) == d {
+			t.Fatalf("cached blob %s served for the lying registry", d)
+		}
+	}
+	if liarBlobGETs.Load() == 0 {
+		t.Fatal("the liar was never asked: its blob requests were answered from the cache")
 	}
 }
