@@ -11,6 +11,7 @@
 #   /usr/local/bin/cove-node                      the binary (--binary)
 #   /etc/systemd/system/cove-node.service         the unit, Before=containerd.service
 #   /etc/systemd/system/cove-node.socket          --content-hook only: the content socket
+#   /etc/cove-node/cache-ca.pem                   --cache-ca only: the CA bundle for https caches
 #   <hosts-dir>/_default/hosts.toml               cove-node as the first mirror of every registry
 #   <containerd-config dir>/conf.d/cove-node.toml CRI's registry config_path = <hosts-dir>
 #                                                 (--content-hook: and the proxy plugins)
@@ -46,6 +47,10 @@ Options:
   --binary PATH                  the cove-node binary to install (default ./bin/cove-node)
   --cache URL                    a cove-cache base URL, http(s)://HOST[:PORT] (repeatable, tried
                                  in order; at least one)
+  --cache-ca FILE                PEM bundle of the CA certificates that verify https:// --cache
+                                 URLs (instead of the system roots): installed as
+                                 /etc/cove-node/cache-ca.pem and passed as cove-node --cache-ca.
+                                 Without it, a bundle an earlier run installed is taken out
   --addr HOST:PORT               cove-node's loopback address, containerd's mirror
                                  (default 127.0.0.1:5006)
   --origin-plain-http HOST:PORT  cove-node reaches this origin over plain HTTP when it falls
@@ -70,6 +75,7 @@ NO_RESTART=0
 UNINSTALL=0
 BINARY=./bin/cove-node
 CACHES=()
+CACHE_CA=
 ADDR=127.0.0.1:5006
 PLAIN_HTTP=()
 HOSTS_DIR=/etc/containerd/certs.d
@@ -87,6 +93,7 @@ readonly UNIT_NAME=cove-node.service
 readonly UNIT_PATH=/etc/systemd/system/cove-node.service
 readonly SOCKET_UNIT_NAME=cove-node.socket
 readonly SOCKET_UNIT_PATH=/etc/systemd/system/cove-node.socket
+readonly CACHE_CA_PATH=/etc/cove-node/cache-ca.pem
 readonly CONTENT_SOCKET=/run/cove-node/content.sock
 readonly CTD_DEFAULT_ROOT=/var/lib/containerd
 readonly CTD_DEFAULT_ADDRESS=/run/containerd/containerd.sock
@@ -207,6 +214,7 @@ parse_args() {
 		--content-hook) MODE=content && shift ;;
 		--binary) need_arg "$a" $# && BINARY=$2 && BINARY_SET=1 && shift 2 ;;
 		--cache) need_arg "$a" $# && CACHES+=("$2") && shift 2 ;;
+		--cache-ca) need_arg "$a" $# && CACHE_CA=$2 && CACHE_CA_SET=1 && shift 2 ;;
 		--addr) need_arg "$a" $# && ADDR=$2 && ADDR_SET=1 && shift 2 ;;
 		--origin-plain-http) need_arg "$a" $# && PLAIN_HTTP+=("$2") && shift 2 ;;
 		--hosts-dir) need_arg "$a" $# && HOSTS_DIR=$2 && HOSTS_SET=1 && shift 2 ;;
@@ -239,7 +247,7 @@ validate_args() {
 		usage_error "--root-dir $ROOT_DIR: services belong to the real root; add --no-restart"
 	fi
 	if ((UNINSTALL)); then
-		if ((${#CACHES[@]} || ${#PLAIN_HTTP[@]})) || [[ $MODE != mirror || -n ${BINARY_SET:-}${ADDR_SET:-}${HOSTS_SET:-}${CONFIG_SET:-} ]]; then
+		if ((${#CACHES[@]} || ${#PLAIN_HTTP[@]})) || [[ $MODE != mirror || -n ${BINARY_SET:-}${CACHE_CA_SET:-}${ADDR_SET:-}${HOSTS_SET:-}${CONFIG_SET:-} ]]; then
 			usage_error "--uninstall takes only --root-dir and --no-restart (the install recorded the rest)"
 		fi
 		return 0
@@ -282,6 +290,13 @@ validate_args() {
 	done
 	if [[ $MODE == content ]] && (($(R "$CONTENT_SOCKET" | wc -c) > 107)); then
 		usage_error "--root-dir $ROOT_DIR: the content socket $(R "$CONTENT_SOCKET") is longer than a unix socket path can be (107 bytes)"
+	fi
+	if [[ -n ${CACHE_CA_SET:-} ]]; then
+		if [[ -z $CACHE_CA ]]; then usage_error "--cache-ca needs a file"; fi
+		if [[ ! -f $CACHE_CA || ! -r $CACHE_CA ]]; then usage_error "--cache-ca '$CACHE_CA': no readable file there"; fi
+		local https=0
+		for c in "${CACHES[@]}"; do if [[ $c == https://* ]]; then https=1; fi; done
+		if ((!https)); then warn "--cache-ca: no --cache URL is https://, so cove-node will not use the bundle"; fi
 	fi
 	if [[ ! -f $BINARY || ! -x $BINARY ]]; then
 		usage_error "--binary '$BINARY': no executable file there (build it with make build)"
@@ -677,6 +692,7 @@ unit_file() {
 	local args c
 	args="serve --addr $ADDR"
 	for c in "${CACHES[@]}"; do args+=" --cache $c"; done
+	if [[ -n $CACHE_CA ]]; then args+=" --cache-ca $(R "$CACHE_CA_PATH")"; fi
 	args+=" --root $(R "$STATE_DIR")"
 	for c in "${PLAIN_HTTP[@]}"; do args+=" --origin-plain-http $c"; done
 	local desc="containerd's registry mirror on loopback" socket='' restart_sec=1
@@ -808,21 +824,67 @@ install_content_hook() {
 
 # uninstall_socket_unit (mirror-only mode): a socket unit an earlier --content-hook run
 # installed goes, as --uninstall would take it (removed, or its backup back).
-uninstall_socket_unit() {
-	local hp kind
-	hp=$(R "$SOCKET_UNIT_PATH")
-	if [[ ! -e $hp ]] || ! in_manifest "$SOCKET_UNIT_PATH"; then return 0; fi
-	kind=$(awk -F'\t' -v p="$SOCKET_UNIT_PATH" '$3 == p { print $1; exit }' "$(manifest)")
+uninstall_socket_unit() { take_out socket "$SOCKET_UNIT_PATH" "content hook off"; }
+
+# take_out ROLE PATH WHY: a file an earlier run installed and this run does not want goes,
+# as --uninstall would take it (removed, or its backup back).
+take_out() {
+	local role=$1 p=$2 why=$3 hp kind
+	hp=$(R "$p")
+	if [[ ! -e $hp ]] || ! in_manifest "$p"; then return 0; fi
+	kind=$(awk -F'\t' -v p="$p" '$3 == p { print $1; exit }' "$(manifest)")
 	run_save "$hp"
 	if [[ $kind == mod ]]; then
-		if cmp -s -- "$(R "$BACKUP_DIR/files$SOCKET_UNIT_PATH")" "$hp"; then return 0; fi
-		cp -p -- "$(R "$BACKUP_DIR/files$SOCKET_UNIT_PATH")" "$hp"
-		say "restored (content hook off): $SOCKET_UNIT_PATH"
+		if cmp -s -- "$(R "$BACKUP_DIR/files$p")" "$hp"; then return 0; fi
+		cp -p -- "$(R "$BACKUP_DIR/files$p")" "$hp"
+		say "restored ($why): $p"
 	else
 		rm -f -- "$hp"
-		say "removed (content hook off): $SOCKET_UNIT_PATH"
+		say "removed ($why): $p"
 	fi
-	CHANGED_ROLES+="socket "
+	CHANGED_ROLES+="$role "
+}
+
+# stage_cache_ca OUT: checks that --cache-ca is a PEM bundle of certificates, as cove-node
+# reads it (at least one CERTIFICATE block, each one a certificate; no private key), and
+# copies it to OUT.
+stage_cache_ca() {
+	local out=$1 f=$CACHE_CA n m
+	cp -- "$f" "$out" || die "--cache-ca '$f': cannot read it"
+	if grep -qE -- '^-----BEGIN ([A-Z0-9]+ )*PRIVATE KEY-----' "$out"; then
+		die "--cache-ca '$f' holds a private key: give the CA certificates only (the bundle is installed world-readable)"
+	fi
+	# Every BEGIN CERTIFICATE has its END, and the base64 between them decodes.
+	if ! m=$(awk '
+		{ sub(/\r$/, "") }
+		/^-----BEGIN CERTIFICATE-----$/ { if (in_) { print "line " NR ": BEGIN CERTIFICATE inside a certificate"; bad = 1; exit } in_ = 1; n++; b64 = ""; next }
+		/^-----END CERTIFICATE-----$/ {
+			if (!in_) { print "line " NR ": END CERTIFICATE without BEGIN"; bad = 1; exit }
+			in_ = 0
+			if (b64 == "" || length(b64) % 4 != 0 || b64 !~ /^[A-Za-z0-9+\/]+=?=?$/) { print "certificate " n ": not base64"; bad = 1; exit }
+			next
+		}
+		in_ { if ($0 ~ /^[A-Za-z0-9+\/=]*$/) b64 = b64 $0; else { print "line " NR ": not base64 inside certificate " n; bad = 1; exit } }
+		END {
+			if (bad) exit 1
+			if (in_) { print "certificate " n " has no END CERTIFICATE line"; exit 1 }
+			if (n == 0) { print "no -----BEGIN CERTIFICATE----- block"; exit 1 }
+			print n
+		}' "$out"); then
+		die "--cache-ca '$f' is not a PEM certificate bundle ($m)"
+	fi
+	n=$m
+	if command -v openssl >/dev/null; then
+		# Each certificate parses (openssl reads the first block of what it is given).
+		local i
+		for ((i = 1; i <= n; i++)); do
+			if ! awk -v want="$i" '/^-----BEGIN CERTIFICATE-----/ { k++ } k == want { print } /^-----END CERTIFICATE-----/ && k == want { exit }' "$out" |
+				openssl x509 -noout >/dev/null 2>&1; then
+				die "--cache-ca '$f': certificate $i of $n is not a valid X.509 certificate"
+			fi
+		done
+	fi
+	say "--cache-ca: $n CA certificate(s) from $f"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -1122,6 +1184,7 @@ install_main() {
 	dropin_file "$version" >"$STAGE/dropin.toml"
 	if ! m=$(toml_scan "$STAGE/dropin.toml" "$STAGE/dropin.recs"); then die "the drop-in this script made is not valid TOML ($m): a bug, please report it"; fi
 	stage_hosts "$STAGE/hosts.toml"
+	if [[ -n $CACHE_CA ]]; then stage_cache_ca "$STAGE/cache-ca.pem"; fi
 	unit_file >"$STAGE/unit"
 	if [[ $MODE == content ]]; then socket_unit_file >"$STAGE/socket"; fi
 	warn_hidden_hosts
@@ -1136,6 +1199,11 @@ install_main() {
 		put_file socket "$SOCKET_UNIT_PATH" "$STAGE/socket" 0644
 	else
 		uninstall_socket_unit
+	fi
+	if [[ -n $CACHE_CA ]]; then
+		put_file cacheca "$CACHE_CA_PATH" "$STAGE/cache-ca.pem" 0644
+	else
+		take_out cacheca "$CACHE_CA_PATH" "no --cache-ca"
 	fi
 	put_file unit "$UNIT_PATH" "$STAGE/unit" 0644
 	put_file hosts "$HOSTS_TOML" "$STAGE/hosts.toml" 0644
@@ -1186,7 +1254,7 @@ services_install() {
 		fi
 	fi
 	systemctl enable --now "$UNIT_NAME" || die "systemctl enable --now $UNIT_NAME failed"
-	if ((was_active)) && { changed unit || changed binary; }; then
+	if ((was_active)) && { changed unit || changed binary || changed cacheca; }; then
 		systemctl restart "$UNIT_NAME" || die "systemctl restart $UNIT_NAME failed"
 		say "restarted $UNIT_NAME"
 	fi
