@@ -82,3 +82,58 @@ func (a *allowances) allow(owner string) {
 	}
 	a.m[owner] = now
 }
+
+// challenges remembers the origin's 401 to a credential for a repository, as briefly as
+// an allowance (a refusal is never kept longer than a yes), so that the anonymous first
+// request containerd sends before fetching a token is answered without a round trip to
+// the origin. Only 401s are kept: they carry the challenge and grant nothing.
+type challenges struct {
+	ttl time.Duration
+	mu  sync.Mutex
+	m   map[string]challenge
+	now func() time.Time
+}
+
+type challenge struct {
+	header http.Header // the origin's response headers (WWW-Authenticate among them)
+	at     time.Time
+}
+
+func newChallenges(ttl time.Duration) *challenges {
+	return &challenges{ttl: ttl, m: map[string]challenge{}, now: time.Now}
+}
+
+// get returns the origin's remembered 401 headers for owner, if recent.
+func (c *challenges) get(owner string) (http.Header, bool) {
+	if c.ttl <= 0 {
+		return nil, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ch, ok := c.m[owner]
+	if !ok || c.now().Sub(ch.at) >= c.ttl {
+		delete(c.m, owner)
+		return nil, false
+	}
+	return ch.header, true
+}
+
+// remember keeps the origin's 401 headers for owner.
+func (c *challenges) remember(owner string, h http.Header) {
+	if c.ttl <= 0 || h.Get("Www-Authenticate") == "" {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) >= 100000 {
+		clear(c.m)
+	}
+	c.m[owner] = challenge{header: h.Clone(), at: c.now()}
+}
+
+// forget drops owner's remembered 401 (the origin has just said yes).
+func (c *challenges) forget(owner string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, owner)
+}

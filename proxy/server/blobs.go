@@ -64,6 +64,11 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, req *route.Re
 	if member && s.allow.fresh(own) {
 		return true
 	}
+	if h, ok := s.refused.get(own); ok {
+		s.metrics.Request(req.Kind.String(), metrics.ResultDenied)
+		relay(w, r, http.StatusUnauthorized, h, nil)
+		return false
+	}
 	s.metrics.AuthzCheck()
 	resp, err := s.origin.Do(ctx, http.MethodHead, req.Registry, path, nil, r.Header, nil)
 	if err != nil || resp.StatusCode >= 500 {
@@ -87,6 +92,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, req *route.Re
 	switch resp.StatusCode {
 	case http.StatusOK:
 		s.allow.allow(own)
+		s.refused.forget(own)
 		if req.Kind == route.KindManifest {
 			s.learnManifest(ctx, req.Registry, req.Repository, d, nil)
 		} else {
@@ -95,6 +101,8 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, req *route.Re
 		return true
 	case http.StatusNotFound:
 		s.dropMember(ctx, req.Registry, req.Repository, d)
+	case http.StatusUnauthorized:
+		s.refused.remember(own, resp.Header)
 	}
 	s.metrics.Request(req.Kind.String(), resultForStatus(resp.StatusCode))
 	relay(w, r, resp.StatusCode, resp.Header, nil)

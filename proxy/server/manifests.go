@@ -37,6 +37,12 @@ func (s *Server) serveManifest(w http.ResponseWriter, r *http.Request, req *rout
 func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req *route.Request) {
 	ctx := r.Context()
 	tagPath := manifestPath(req, req.Tag)
+	own := owner(r.Header, req.Registry, req.Repository)
+	if h, ok := s.refused.get(own); ok {
+		s.metrics.Request("manifest", metrics.ResultDenied)
+		relay(w, r, http.StatusUnauthorized, h, nil)
+		return
+	}
 	resp, err := s.origin.Do(ctx, http.MethodHead, req.Registry, tagPath, nil, r.Header, nil)
 	if err != nil || resp.StatusCode >= 500 {
 		if resp != nil {
@@ -55,6 +61,9 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req 
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
+		if resp.StatusCode == http.StatusUnauthorized {
+			s.refused.remember(own, resp.Header)
+		}
 		s.metrics.Request("manifest", resultForStatus(resp.StatusCode))
 		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return
@@ -66,7 +75,8 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req 
 		return
 	}
 	// The origin just let this credential read this tag, which is d, in this repository.
-	s.allow.allow(owner(r.Header, req.Registry, req.Repository))
+	s.allow.allow(own)
+	s.refused.forget(own)
 	s.learnManifest(ctx, req.Registry, req.Repository, d, nil)
 	s.rememberTag(ctx, req.Registry, req.Repository, req.Tag, d, resp.Header.Get("Content-Type"))
 	if mediaType, size, ok := s.cachedManifest(r, req.Registry, d); ok {

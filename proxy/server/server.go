@@ -67,6 +67,7 @@ type Server struct {
 	fills   *fill.Manager
 	metrics *metrics.Metrics
 	allow   *allowances
+	refused *challenges
 
 	offline       string
 	offlineMaxAge time.Duration
@@ -101,9 +102,10 @@ func New(cfg Config) (*Server, error) {
 		cfg.StallTimeout = 30 * time.Second
 	}
 	s := &Server{
-		store:  cfg.Storage,
-		router: route.Router{DefaultRegistry: cfg.DefaultRegistry},
-		allow:  newAllowances(cfg.AuthzTTL, cfg.OfflineMaxAge),
+		store:   cfg.Storage,
+		router:  route.Router{DefaultRegistry: cfg.DefaultRegistry},
+		allow:   newAllowances(cfg.AuthzTTL, cfg.OfflineMaxAge),
+		refused: newChallenges(cfg.AuthzTTL),
 
 		offline:       cfg.Offline,
 		offlineMaxAge: cfg.OfflineMaxAge,

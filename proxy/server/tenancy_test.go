@@ -180,3 +180,36 @@ func TestLyingRegistryManifestUnlocksNothing(t *testing.T) {
 		t.Fatal("the liar was never asked: its blob requests were answered from the cache")
 	}
 }
+
+// The origin's 401 to a credential is remembered as briefly as an allowance: containerd's
+// anonymous first request of every pull is answered with the origin's own challenge
+// without a round trip, and after the TTL the origin is asked again.
+func TestChallengeRemembered(t *testing.T) {
+	origin := peers.StartRegistry(t, peers.WithHtpasswd("alice", "pw-alice"))
+	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 1, 1024, peers.WithPushAuth("alice", "pw-alice"))
+	const ttl = 300 * time.Millisecond
+	c := newCacheWith(t, func(cfg *server.Config) { cfg.AuthzTTL = ttl }, origin.Addr)
+	alice := map[string]string{"Authorization": "Basic " + base64.StdEncoding.EncodeToString([]byte("alice:pw-alice")), "Accept": acceptManifests}
+	mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/"+img.Digest), alice, 200) // cached now
+
+	before := len(origin.Requests())
+	first, _ := mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/v1"), nil, 401)
+	again, _ := mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/v1"), nil, 401)
+	byDigest, _ := mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/"+img.Digest), nil, 401)
+	if n := len(origin.Requests()) - before; n != 1 {
+		t.Fatalf("anonymous requests reached the origin %d times within the TTL, want 1", n)
+	}
+	for _, r := range []*http.Response{again, byDigest} {
+		if r.Header.Get("Www-Authenticate") != first.Header.Get("Www-Authenticate") || first.Header.Get("Www-Authenticate") == "" {
+			t.Fatalf("remembered challenge %q differs from the origin's %q", r.Header.Get("Www-Authenticate"), first.Header.Get("Www-Authenticate"))
+		}
+	}
+	// Alice is not affected by the anonymous refusal.
+	mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/v1"), alice, 200)
+	time.Sleep(ttl + 50*time.Millisecond)
+	before = len(origin.Requests())
+	mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/v1"), nil, 401)
+	if n := len(origin.Requests()) - before; n != 1 {
+		t.Fatalf("after the TTL the origin was asked %d times, want 1", n)
+	}
+}
