@@ -166,6 +166,31 @@ func (c *countingHash) sum() v1.Hash {
 }
 
 func writeRandomLayer(path, member string, size int64) (*fileLayer, error) {
+	return writeLayer(path, gzip.NoCompression, func(tw *tar.Writer) error {
+		if err := tw.WriteHeader(&tar.Header{
+			Typeflag: tar.TypeDir, Name: filepath.Dir(member) + "/", Mode: 0o755,
+			ModTime: time.Unix(0, 0),
+		}); err != nil {
+			return err
+		}
+		if err := tw.WriteHeader(&tar.Header{
+			Typeflag: tar.TypeReg, Name: member, Mode: 0o644, Size: size,
+			ModTime: time.Unix(0, 0),
+		}); err != nil {
+			return err
+		}
+		var seed [32]byte
+		if _, err := crand.Read(seed[:]); err != nil {
+			return err
+		}
+		_, err := io.CopyN(tw, rand.NewChaCha8(seed), size)
+		return err
+	})
+}
+
+// writeLayer writes a gzip tar layer at path whose entries fill writes, computing the
+// layer's digest (compressed) and diff ID (uncompressed) on the way.
+func writeLayer(path string, gzipLevel int, fill func(tw *tar.Writer) error) (*fileLayer, error) {
 	f, err := os.Create(path)
 	if err != nil {
 		return nil, err
@@ -173,30 +198,13 @@ func writeRandomLayer(path, member string, size int64) (*fileLayer, error) {
 	defer f.Close()
 	bw := bufio.NewWriterSize(f, 1<<20)
 	gzSum := &countingHash{h: sha256.New()}
-	zw, err := gzip.NewWriterLevel(io.MultiWriter(bw, gzSum), gzip.NoCompression)
+	zw, err := gzip.NewWriterLevel(io.MultiWriter(bw, gzSum), gzipLevel)
 	if err != nil {
 		return nil, err
 	}
 	tarSum := &countingHash{h: sha256.New()}
 	tw := tar.NewWriter(io.MultiWriter(zw, tarSum))
-	if err := tw.WriteHeader(&tar.Header{
-		Typeflag: tar.TypeDir, Name: filepath.Dir(member) + "/", Mode: 0o755,
-		ModTime: time.Unix(0, 0),
-	}); err != nil {
-		return nil, err
-	}
-	if err := tw.WriteHeader(&tar.Header{
-		Typeflag: tar.TypeReg, Name: member, Mode: 0o644, Size: size,
-		ModTime: time.Unix(0, 0),
-	}); err != nil {
-		return nil, err
-	}
-	var seed [32]byte
-	if _, err := crand.Read(seed[:]); err != nil {
-		return nil, err
-	}
-	src := rand.NewChaCha8(seed)
-	if _, err := io.CopyN(tw, src, size); err != nil {
+	if err := fill(tw); err != nil {
 		return nil, err
 	}
 	if err := tw.Close(); err != nil {

@@ -2,11 +2,8 @@ package peers
 
 import (
 	"archive/tar"
-	"bufio"
 	"compress/gzip"
 	"context"
-	"crypto/sha256"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -84,42 +81,20 @@ func writeFileLayer(path, src, member string) (*fileLayer, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	bw := bufio.NewWriter(f)
-	gzSum := &countingHash{h: sha256.New()}
-	zw := gzip.NewWriter(io.MultiWriter(bw, gzSum))
-	tarSum := &countingHash{h: sha256.New()}
-	tw := tar.NewWriter(io.MultiWriter(zw, tarSum))
-	var dirs []string
-	for d := filepath.Dir(member); d != "." && d != "/"; d = filepath.Dir(d) {
-		dirs = append([]string{d}, dirs...)
-	}
-	for _, d := range dirs {
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: time.Unix(0, 0)}); err != nil {
-			return nil, err
+	return writeLayer(path, gzip.DefaultCompression, func(tw *tar.Writer) error {
+		var dirs []string
+		for d := filepath.Dir(member); d != "." && d != "/"; d = filepath.Dir(d) {
+			dirs = append([]string{d}, dirs...)
 		}
-	}
-	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: member, Mode: 0o755, Size: int64(len(data)), ModTime: time.Unix(0, 0)}); err != nil {
-		return nil, err
-	}
-	if _, err := tw.Write(data); err != nil {
-		return nil, err
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	if err := zw.Close(); err != nil {
-		return nil, err
-	}
-	if err := bw.Flush(); err != nil {
-		return nil, err
-	}
-	if err := f.Close(); err != nil {
-		return nil, err
-	}
-	return &fileLayer{path: path, digest: gzSum.sum(), diffID: tarSum.sum(), size: gzSum.n}, nil
+		for _, d := range dirs {
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: time.Unix(0, 0)}); err != nil {
+				return err
+			}
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: member, Mode: 0o755, Size: int64(len(data)), ModTime: time.Unix(0, 0)}); err != nil {
+			return err
+		}
+		_, err := tw.Write(data)
+		return err
+	})
 }
