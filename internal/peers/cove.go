@@ -99,7 +99,24 @@ func StartCove(t testing.TB, storageDir string, extra ...string) *Cove {
 
 func (c *Cove) start(t testing.TB) {
 	t.Helper()
-	bin := CoveBinary(t, "cove-cache")
+	c.proc, c.Addr, c.LogPath = startOnFreePort(t, "cove-cache", "cove-cache", 10*time.Second, readyClient, "http",
+		"/readyz", func(addr string) []string {
+			return append([]string{"serve", "--addr", addr, "--storage-dir", c.StorageDir}, c.args...)
+		})
+	c.URL = "http://" + c.Addr
+}
+
+// readyClient polls plain-HTTP readiness endpoints; each try is bounded so a wedged
+// process cannot hold the wait past its deadline.
+var readyClient = &http.Client{Timeout: time.Second}
+
+// startOnFreePort starts the cove binary name on a free loopback port (args builds its
+// arguments from the address) and waits until scheme://ADDR/readyPath answers 200 with
+// client. A port lost to another process between choosing and binding it is retried on
+// another; any other failure fails the test with the tail of the log.
+func startOnFreePort(t testing.TB, name, logName string, grace time.Duration, client *http.Client, scheme, readyPath string, args func(addr string) []string) (p *proc, addr, logPath string) {
+	t.Helper()
+	bin := CoveBinary(t, name)
 	logDir := t.TempDir()
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
@@ -107,25 +124,24 @@ func (c *Cove) start(t testing.TB) {
 		if err != nil {
 			t.Fatalf("peers: %v", err)
 		}
-		addr := "127.0.0.1:" + strconv.Itoa(port)
-		logPath := filepath.Join(logDir, fmt.Sprintf("cove-cache-%d.log", attempt))
-		args := append([]string{"serve", "--addr", addr, "--storage-dir", c.StorageDir}, c.args...)
-		p, err := startProc("cove-cache", bin, args, cleanEnv(), logPath, logPath, 10*time.Second)
+		addr = "127.0.0.1:" + strconv.Itoa(port)
+		logPath = filepath.Join(logDir, fmt.Sprintf("%s-%d.log", logName, attempt))
+		p, err = startProc(name, bin, args(addr), cleanEnv(), logPath, logPath, grace)
 		if err != nil {
-			t.Fatalf("peers: start cove-cache: %v", err)
+			t.Fatalf("peers: start %s: %v", name, err)
 		}
-		if err := waitHTTP(p, "http://"+addr+"/readyz", 10*time.Second); err != nil {
+		if err := waitReady(p, client, scheme+"://"+addr+readyPath, 10*time.Second, false); err != nil {
 			p.stop()
-			lastErr = fmt.Errorf("cove-cache did not become ready: %v\n%s", err, logTail(logPath, 30))
+			lastErr = fmt.Errorf("%s did not become ready: %v\n%s", logName, err, logTail(logPath, 30))
 			if strings.Contains(logTail(logPath, 5), "address already in use") {
 				continue
 			}
 			break
 		}
-		c.Addr, c.URL, c.LogPath, c.proc = addr, "http://"+addr, logPath, p
-		return
+		return p, addr, logPath
 	}
 	t.Fatalf("peers: %v", lastErr)
+	return nil, "", ""
 }
 
 // Stop ends cove-cache with SIGTERM (graceful), idempotently.
@@ -238,38 +254,18 @@ type CoveNode struct {
 // URLs and extra flags, and stops it at cleanup.
 func StartCoveNode(t testing.TB, caches []string, extra ...string) *CoveNode {
 	t.Helper()
-	bin := CoveBinary(t, "cove-node")
-	dir := t.TempDir()
-	var lastErr error
-	for attempt := 0; attempt < 3; attempt++ {
-		port, err := freePort()
-		if err != nil {
-			t.Fatalf("peers: %v", err)
-		}
-		addr := "127.0.0.1:" + strconv.Itoa(port)
-		logPath := filepath.Join(dir, fmt.Sprintf("cove-node-%d.log", attempt))
-		args := []string{"serve", "--addr", addr, "--root", filepath.Join(dir, "root")}
-		for _, c := range caches {
-			args = append(args, "--cache", c)
-		}
-		p, err := startProc("cove-node", bin, append(args, extra...), cleanEnv(), logPath, logPath, 5*time.Second)
-		if err != nil {
-			t.Fatalf("peers: start cove-node: %v", err)
-		}
-		if err := waitHTTP(p, "http://"+addr+"/healthz", 10*time.Second); err != nil {
-			p.stop()
-			lastErr = fmt.Errorf("cove-node did not become ready: %v\n%s", err, logTail(logPath, 30))
-			if strings.Contains(logTail(logPath, 5), "address already in use") {
-				continue
+	root := filepath.Join(t.TempDir(), "root")
+	p, addr, logPath := startOnFreePort(t, "cove-node", "cove-node", 5*time.Second, readyClient, "http",
+		"/healthz", func(addr string) []string {
+			args := []string{"serve", "--addr", addr, "--root", root}
+			for _, c := range caches {
+				args = append(args, "--cache", c)
 			}
-			break
-		}
-		n := &CoveNode{Addr: addr, URL: "http://" + addr, LogPath: logPath, proc: p}
-		t.Cleanup(n.Stop)
-		return n
-	}
-	t.Fatalf("peers: %v", lastErr)
-	return nil
+			return append(args, extra...)
+		})
+	n := &CoveNode{Addr: addr, URL: "http://" + addr, LogPath: logPath, proc: p}
+	t.Cleanup(n.Stop)
+	return n
 }
 
 // Stop ends cove-node (SIGTERM), idempotently.

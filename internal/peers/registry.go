@@ -167,7 +167,12 @@ http:
 // waitHTTP polls url until it answers 200, the process exits, or timeout passes.
 // With authRequired, a 401 also means ready.
 func waitHTTP(p *proc, url string, timeout time.Duration, authRequired ...bool) error {
-	client := &http.Client{Timeout: time.Second}
+	return waitReady(p, &http.Client{Timeout: time.Second}, url, timeout, len(authRequired) > 0 && authRequired[0])
+}
+
+// waitReady polls url with client until it answers 200 (or 401 when authRequired), the
+// process exits, or timeout passes.
+func waitReady(p *proc, client *http.Client, url string, timeout time.Duration, authRequired bool) error {
 	deadline := time.Now().Add(timeout)
 	var lastErr error
 	for time.Now().Before(deadline) {
@@ -177,7 +182,7 @@ func waitHTTP(p *proc, url string, timeout time.Duration, authRequired ...bool) 
 		resp, err := client.Get(url)
 		if err == nil {
 			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK || len(authRequired) > 0 && authRequired[0] && resp.StatusCode == http.StatusUnauthorized {
+			if resp.StatusCode == http.StatusOK || authRequired && resp.StatusCode == http.StatusUnauthorized {
 				return nil
 			}
 			err = fmt.Errorf("GET %s: %s", url, resp.Status)
