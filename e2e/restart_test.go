@@ -3,77 +3,14 @@ package e2e
 import (
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cove-oci/cove/internal/peers"
 )
-
-// activatedNode runs cove-node the way systemd runs a socket-activated service: the
-// content socket is created and held by the caller and handed over as fd 3 with
-// LISTEN_FDS=1 and LISTEN_PID set to the service's own pid.
-type activatedNode struct {
-	cmd *exec.Cmd
-}
-
-func startActivatedNode(t *testing.T, ln *net.UnixListener, addr, logPath string, args ...string) *activatedNode {
-	t.Helper()
-	f, err := ln.File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	bin := peers.CoveBinary(t, "cove-node")
-	// exec keeps the shell's pid, so LISTEN_PID=$$ names cove-node itself.
-	cmd := exec.Command("/bin/sh", append([]string{"-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"`, bin, "serve", "--addr", addr}, args...)...)
-	cmd.ExtraFiles = []*os.File{f}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	n := &activatedNode{cmd: cmd}
-	t.Cleanup(n.kill)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			return n
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(logPath)
-			t.Fatalf("cove-node did not start: %v\n%s", err, b)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-func (n *activatedNode) kill() {
-	if n.cmd.ProcessState == nil {
-		_ = syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-		_ = n.cmd.Wait()
-	}
-}
-
-// restart is what `systemctl restart` does: SIGTERM, wait for the process to exit (it
-// drains its in-flight calls), then start the service again on the same socket.
-func (n *activatedNode) stop() {
-	if n.cmd.ProcessState == nil {
-		_ = syscall.Kill(n.cmd.Process.Pid, syscall.SIGTERM)
-		_ = n.cmd.Wait()
-	}
-}
 
 // cove-node restarted (SIGTERM, as systemctl restart does) in the middle of a pull
 // through its content hook, on the same socket-activated content socket: the pull
@@ -100,11 +37,7 @@ func TestContentHookRestartDuringPull(t *testing.T) {
 			}
 			t.Cleanup(func() { os.RemoveAll(sockDir) })
 			sock := filepath.Join(sockDir, "content.sock")
-			ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { ln.Close() })
+			ln := peers.ListenActivated(t, sock) // what the socket unit holds across restarts
 			out, err := exec.Command(peers.CoveBinary(t, "cove-node"), "print-containerd-config", "--content-socket", sock).Output()
 			if err != nil {
 				t.Fatal(err)
@@ -119,24 +52,25 @@ func TestContentHookRestartDuringPull(t *testing.T) {
 			}
 			addr := probe.Addr().String()
 			probe.Close()
-			logPath := filepath.Join(t.TempDir(), "cove-node.log")
-			args := []string{"--cache", cove.URL, "--origin-plain-http", slow,
+			argv := []string{peers.CoveBinary(t, "cove-node"), "serve", "--addr", addr, "--cache", cove.URL, "--origin-plain-http", slow,
 				"--content-socket", sock, "--content-root", filepath.Join(root, "io.containerd.content.v1.content")}
 
-			node := startActivatedNode(t, ln, addr, logPath, args...)
+			node := peers.StartCoveNodeOn(t, ln, argv)
 			c := peers.StartContainerdWith(t, peers.ContainerdSetup{Root: root, Imports: []string{fragment}}, peers.WithMirror("http://"+addr))
 			pulled := make(chan error, 1)
 			go func() { pulled <- c.Pull(ctx, ref) }()
 			time.Sleep(killAfter)
 			start := time.Now()
-			node.stop()
+			old := node
+			node.Stop() // SIGTERM and wait, as systemctl restart does
 			t.Logf("old cove-node drained and exited in %s", time.Since(start).Round(time.Millisecond))
 			start = time.Now()
-			startActivatedNode(t, ln, addr, logPath, args...)
+			node = peers.StartCoveNodeOn(t, ln, argv)
 			t.Logf("cove-node back in %s", time.Since(start).Round(time.Millisecond))
 			if err := <-pulled; err != nil {
-				b, _ := os.ReadFile(logPath)
-				t.Fatalf("pull across the restart: %v\ncove-node log:\n%s", err, b)
+				before, _ := os.ReadFile(old.LogPath)
+				after, _ := os.ReadFile(node.LogPath)
+				t.Fatalf("pull across the restart: %v\ncove-node log before the restart:\n%s\nafter:\n%s", err, before, after)
 			}
 			got, err := c.ImageTarget(ctx, ref)
 			if err != nil || got != img.Digest {
