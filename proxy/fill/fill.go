@@ -271,40 +271,35 @@ func (r *reader) Read(p []byte) (int, error) {
 	if r.off >= r.end {
 		return 0, io.EOF
 	}
-	for {
-		r.f.mu.Lock()
-		avail, verified := r.f.written, r.f.verified
-		if !verified && avail > 0 {
-			avail-- // withhold the last byte until the body is verified
-		}
-		err, ch, file := r.f.err, r.f.changed, r.f.file
-		r.f.mu.Unlock()
-		if err != nil {
-			return 0, err
-		}
-		if r.off < avail && file != nil {
-			n := int64(len(p))
-			n = min(n, avail-r.off, r.end-r.off)
-			got, rerr := file.ReadAt(p[:n], r.off)
-			r.off += int64(got)
-			if rerr != nil && !(rerr == io.EOF && int64(got) == n) {
-				return got, fmt.Errorf("%w: read spool: %v", ErrFailed, rerr)
-			}
-			return got, nil
-		}
-		if verified && r.off >= avail {
-			if r.end == math.MaxInt64 {
-				return 0, io.EOF
-			}
-			// The range asked for runs past the end of the blob.
-			return 0, io.ErrUnexpectedEOF
-		}
-		select {
-		case <-ch:
-		case <-r.ctx.Done():
-			return 0, r.ctx.Err()
-		}
+	avail, err := r.wait()
+	if err != nil {
+		return 0, err
 	}
+	if avail < 0 {
+		return 0, r.pastEnd()
+	}
+	r.f.mu.Lock()
+	file := r.f.file
+	r.f.mu.Unlock()
+	if file == nil {
+		return 0, fmt.Errorf("%w: spool closed", ErrFailed)
+	}
+	n := min(int64(len(p)), avail-r.off, r.end-r.off)
+	got, rerr := file.ReadAt(p[:n], r.off)
+	r.off += int64(got)
+	if rerr != nil && !(rerr == io.EOF && int64(got) == n) {
+		return got, fmt.Errorf("%w: read spool: %v", ErrFailed, rerr)
+	}
+	return got, nil
+}
+
+// pastEnd is the end of a read that reached the end of the verified blob: a clean EOF
+// for a read to the end, an error for a range that runs past it.
+func (r *reader) pastEnd() error {
+	if r.end == math.MaxInt64 {
+		return io.EOF
+	}
+	return io.ErrUnexpectedEOF
 }
 
 // WriteTo streams the reader's range to w. Bytes already in the spool go with one copy
@@ -331,10 +326,10 @@ func (r *reader) WriteTo(w io.Writer) (int64, error) {
 			return total, err
 		}
 		if avail < 0 {
-			if r.end == math.MaxInt64 {
-				return total, nil
+			if err := r.pastEnd(); err != io.EOF {
+				return total, err
 			}
-			return total, io.ErrUnexpectedEOF
+			return total, nil
 		}
 		if _, err := own.Seek(r.off, io.SeekStart); err != nil {
 			return total, fmt.Errorf("%w: seek spool: %v", ErrFailed, err)
@@ -353,8 +348,8 @@ func (r *reader) WriteTo(w io.Writer) (int64, error) {
 	return total, nil
 }
 
-// wait blocks until bytes past r.off are readable and returns the readable end, or -1
-// when the blob ended before r.off.
+// wait blocks until bytes past r.off are readable and returns the readable end (the last
+// byte withheld until the body is verified), or -1 when the blob ended before r.off.
 func (r *reader) wait() (int64, error) {
 	for {
 		r.f.mu.Lock()
