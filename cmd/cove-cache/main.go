@@ -165,7 +165,7 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
 		return 2
 	}
-	store, err := filesystem.New(filepath.Join(o.storageDir))
+	store, err := filesystem.New(o.storageDir)
 	if err != nil {
 		log.Error("opening storage failed", "dir", o.storageDir, "error", err)
 		return 1
