@@ -65,7 +65,11 @@ type Request struct {
 	Registry string
 	// Repository is the repository path at that registry (library/alpine, team/app).
 	Repository string
-	Kind       Kind
+	// Name is the repository name as the client wrote it in the path: the repository
+	// itself with ns=, else with the registry prefix it carried (ghcr.io/team/app) or none
+	// (alpine). Token scopes the client asks cove-cache for use this form.
+	Name string
+	Kind Kind
 	// Tag is set for manifest requests by tag.
 	Tag string
 	// Digest is set for blob, referrers and manifest-by-digest requests.
@@ -172,44 +176,54 @@ func (rt Router) Parse(path, rawQuery string) (*Request, error) {
 		return nil, errf("UNSUPPORTED", "unsupported distribution API path")
 	}
 
+	req.Name = name
 	if ns != "" {
 		host, err := NormalizeHost(ns)
 		if err != nil {
 			return nil, err
 		}
 		req.Registry, req.ViaNamespace = host, true
-		req.Repository = name
-	} else {
-		if req.Registry, req.Repository, err = rt.splitRegistry(name); err != nil {
+		if req.Repository, err = repository(host, name); err != nil {
 			return nil, err
 		}
-	}
-	if req.Registry == DockerHub && !strings.Contains(req.Repository, "/") {
-		// Docker Hub's official images live under library/.
-		req.Repository = "library/" + req.Repository
-	}
-	if err := ValidateRepository(req.Repository); err != nil {
+	} else if req.Registry, req.Repository, err = rt.SplitName(name); err != nil {
 		return nil, err
 	}
 	return req, nil
 }
 
-// splitRegistry takes a registry host off the front of name when the first element looks
-// like one (has a dot or a port, or is localhost), as docker's reference grammar does.
-func (rt Router) splitRegistry(name string) (registry, repo string, err error) {
-	def := rt.DefaultRegistry
-	if def == "" {
-		def = DockerHub
+// SplitName routes a repository name written without ns=: a registry host is taken off
+// the front when the first element looks like one (has a dot or a port, or is
+// localhost), as docker's reference grammar does; otherwise the name belongs to the
+// default registry. The repository is validated and, for Docker Hub, completed.
+func (rt Router) SplitName(name string) (registry, repo string, err error) {
+	registry = rt.DefaultRegistry
+	if registry == "" {
+		registry = DockerHub
 	}
 	first, remainder, found := strings.Cut(name, "/")
 	if found && (strings.ContainsAny(first, ".:") || first == "localhost" || strings.HasPrefix(first, "[")) {
-		host, err := NormalizeHost(first)
-		if err != nil {
+		if registry, err = NormalizeHost(first); err != nil {
 			return "", "", err
 		}
-		return host, remainder, nil
+		name = remainder
 	}
-	return def, name, nil
+	if repo, err = repository(registry, name); err != nil {
+		return "", "", err
+	}
+	return registry, repo, nil
+}
+
+// repository validates name as a repository of registry, adding Docker Hub's library/
+// to its one-element names (where its official images live).
+func repository(registry, name string) (string, error) {
+	if registry == DockerHub && name != "" && !strings.Contains(name, "/") {
+		name = "library/" + name
+	}
+	if err := ValidateRepository(name); err != nil {
+		return "", err
+	}
+	return name, nil
 }
 
 func (req *Request) setManifestRef(ref string) error {
