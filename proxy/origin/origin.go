@@ -138,7 +138,36 @@ func (c *Client) Do(ctx context.Context, method, registry, path string, query ur
 	for k, v := range extra {
 		req.Header[k] = v
 	}
+	return c.send(req, registry)
+}
+
+// Get fetches an absolute http(s) URL the origin named, such as the realm of its token
+// service, under the same policy as every registry request. header is sent as given.
+func (c *Client) Get(ctx context.Context, rawURL string, header http.Header) (*http.Response, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil {
+		return nil, fmt.Errorf("origin URL %q: want an absolute http or https URL without user information", rawURL)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, fmt.Errorf("build origin request: %w", err)
+	}
+	req.Header = header.Clone()
+	if req.Header == nil {
+		req.Header = http.Header{}
+	}
+	host := u.Host
+	if u.Port() == "" {
+		host = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
+	}
+	return c.send(req, host)
+}
+
+// send runs one request to host (the registry, or another server an origin named) under
+// the policy, counting it for the observer.
+func (c *Client) send(req *http.Request, registry string) (*http.Response, error) {
 	var resp *http.Response
+	var err error
 	if rerr := c.policy.deniedName(registry); rerr != nil {
 		err = rerr
 	} else {
