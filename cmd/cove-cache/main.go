@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -64,6 +65,7 @@ type options struct {
 	originAllow     cli.Repeated
 	originDeny      cli.Repeated
 	defaultRegistry string
+	externalURL     string
 	authzTTL        time.Duration
 	stallTimeout    time.Duration
 	offline         string
@@ -98,6 +100,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.offline, "offline", server.OfflineDeny, "when the origin cannot answer: deny (serve nothing cached) or recent (serve credentials allowed within --offline-max-age; tags resolve to the last digest seen, marked stale)")
 	fs.DurationVar(&o.offlineMaxAge, "offline-max-age", time.Hour, "with --offline recent: the oldest allowance that still serves")
 	fs.DurationVar(&o.stallTimeout, "stall-timeout", 30*time.Second, "fail an origin fill that sends no byte for this long")
+	fs.StringVar(&o.externalURL, "external-url", "", "the `URL` clients reach cove-cache at (https://cove.example:5005), the realm of its token endpoint for clients that name the registry in the path; default: from each request's scheme and Host")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "serve HTTPS with this PEM certificate (chain) `FILE`, reloaded when it changes; needs --tls-key")
@@ -132,6 +135,13 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 			if _, err := origin.ParsePattern(p); err != nil {
 				return nil, fmt.Errorf("%s %q: want a host glob, HOST:PORT or a CIDR: %v", rule.flag, p, err)
 			}
+		}
+	}
+	if o.externalURL != "" {
+		u, err := url.Parse(o.externalURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil ||
+			(u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+			return nil, fmt.Errorf("--external-url %q: want http(s)://HOST[:PORT] and nothing more", o.externalURL)
 		}
 	}
 	def, err := route.NormalizeHost(o.defaultRegistry)
@@ -179,6 +189,7 @@ func serve(args []string, stderr io.Writer) int {
 		SpoolDir:        filepath.Join(store.Root(), "spool"),
 		PlainHTTP:       o.plainHTTP,
 		DefaultRegistry: o.defaultRegistry,
+		ExternalURL:     o.externalURL,
 		AuthzTTL:        authzTTL,
 		StallTimeout:    o.stallTimeout,
 		Offline:         o.offline,

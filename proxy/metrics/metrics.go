@@ -49,7 +49,7 @@ func New(inFlight func() int) *Metrics {
 		Registry: reg,
 		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cove_requests_total",
-			Help: "Distribution API requests by operation (manifest, blob, tags, referrers, ping) and result (hit, miss, coalesced, denied, error, passthrough, invalid).",
+			Help: "Distribution API and token requests by operation (manifest, blob, tags, referrers, ping, token) and result (hit, miss, coalesced, denied, error, passthrough, invalid).",
 		}, []string{"operation", "result"}),
 		BytesSent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cove_bytes_sent_total",

@@ -16,6 +16,9 @@ import (
 // error document, so clients always see a well-formed error.
 func relay(w http.ResponseWriter, r *http.Request, status int, header http.Header, body io.Reader) {
 	httpx.CopyRelayed(w.Header(), header)
+	if status == http.StatusUnauthorized {
+		rewriteChallenge(r, w.Header())
+	}
 	if r.Method == http.MethodHead {
 		w.WriteHeader(status)
 		return
@@ -80,14 +83,13 @@ func (s *Server) originUnavailable(w http.ResponseWriter, req *route.Request, op
 }
 
 // servePing answers /v2/. With ns= it relays the origin's own answer, so a client learns
-// the origin's authentication challenge; without, cove-cache answers for itself.
+// the origin's authentication challenge; without, the client will name the registry in
+// its paths, and cove-cache answers with its own challenge: it is that client's token
+// service (see token.go).
 func (s *Server) servePing(w http.ResponseWriter, r *http.Request, req *route.Request) {
 	if req.Registry == "" {
-		w.Header().Set("Content-Type", "application/json")
-		if r.Method == http.MethodGet {
-			_, _ = io.WriteString(w, "{}")
-		}
 		s.metrics.Request("ping", metrics.ResultHit)
+		relay(w, r, http.StatusUnauthorized, http.Header{}, nil)
 		return
 	}
 	s.servePassthrough(w, r, req)

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -48,6 +49,9 @@ type Config struct {
 	// loopback, private, link-local, metadata and other non-public addresses. The PlainHTTP
 	// origins are allowed on top of it. See docs/security.md.
 	OriginPolicy origin.PolicyConfig
+	// ExternalURL is the URL clients reach cove-cache at (scheme://host[:port]), used as
+	// the realm of its token endpoint. Empty: taken from each request's Host.
+	ExternalURL string
 	// Transport overrides the origin transport (tests).
 	Transport http.RoundTripper
 	Logger    *slog.Logger
@@ -68,6 +72,9 @@ type Server struct {
 	metrics *metrics.Metrics
 	allow   *allowances
 	refused *challenges
+	auths   originAuths
+
+	externalURL string
 
 	offline       string
 	offlineMaxAge time.Duration
@@ -107,6 +114,9 @@ func New(cfg Config) (*Server, error) {
 		allow:   newAllowances(cfg.AuthzTTL, cfg.OfflineMaxAge),
 		refused: newChallenges(cfg.AuthzTTL),
 
+		auths: originAuths{m: map[string]originAuth{}},
+
+		externalURL:   strings.TrimSuffix(cfg.ExternalURL, "/"),
 		offline:       cfg.Offline,
 		offlineMaxAge: cfg.OfflineMaxAge,
 		log:           cfg.Logger,
@@ -153,6 +163,7 @@ func New(cfg Config) (*Server, error) {
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("/v2/", s.serveDistribution)
 	s.mux.HandleFunc("/v2", s.serveDistribution)
+	s.mux.HandleFunc(TokenPath, s.serveToken)
 	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	s.mux.HandleFunc("GET /readyz", s.serveReady)
@@ -214,6 +225,11 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 	}
 	if req.ViaNamespace {
 		w.Header().Set("Oci-Namespace", req.Registry)
+	} else {
+		r = s.withClientChallenge(r, req)
+	}
+	if !s.unwrapCoveToken(w, r, req) {
+		return
 	}
 	switch req.Kind {
 	case route.KindPing:

@@ -432,7 +432,9 @@ func TestPassthroughAndEndpoints(t *testing.T) {
 	if strings.Count(string(body), `"v`) != 1 {
 		t.Fatalf("tags list with n=1: %s", body)
 	}
-	mustGet(t, c.http.URL+"/v2/", nil, 200)
+	if resp, _ := mustGet(t, c.http.URL+"/v2/", nil, 401); !strings.HasPrefix(resp.Header.Get("Www-Authenticate"), `Bearer realm="`+c.http.URL+"/token\"") {
+		t.Fatalf("ping without ns= challenged with %q, want cove-cache's own realm", resp.Header.Get("Www-Authenticate"))
+	}
 	mustGet(t, c.http.URL+"/healthz", nil, 200)
 	mustGet(t, c.http.URL+"/readyz", nil, 200)
 	_, metrics := mustGet(t, c.http.URL+"/metrics", nil, 200)
