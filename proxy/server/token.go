@@ -313,7 +313,7 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 // parseTokenRequest validates a token request's query and maps its scopes to the origin's
 // naming. All scopes must name repositories of one registry; with none (a login check),
 // the registry is the default one. query keeps the parameters passed on to the origin's
-// token service (account, client_id, offline_token).
+// token service (account, client_id).
 func parseTokenRequest(rt route.Router, rawQuery string) (registry string, scopes []string, query url.Values, err error) {
 	if len(rawQuery) > 8<<10 {
 		return "", nil, nil, tokenError("token request query longer than 8 KiB")
@@ -343,8 +343,10 @@ func parseTokenRequest(rt route.Router, rawQuery string) (registry string, scope
 			return "", nil, nil, err
 		}
 	}
+	// offline_token is not passed on: a refresh token is spent with POST, which this
+	// endpoint does not answer, so clients keep their credentials and use GET instead.
 	query = url.Values{}
-	for _, k := range []string{"account", "client_id", "offline_token"} {
+	for _, k := range []string{"account", "client_id"} {
 		if v := q.Get(k); v != "" {
 			query.Set(k, v)
 		}

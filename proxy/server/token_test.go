@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -12,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -89,7 +91,11 @@ func TestTokenBrokerWithCrane(t *testing.T) {
 	imgB := peers.PushRandomImage(t, reg.Addr, "team-b/app:v1", 2, 64<<10, asAdmin)
 	imgP := peers.PushRandomImage(t, reg.Addr, "public/app:v1", 2, 64<<10, asAdmin)
 	pushed := len(ts.Issued())
-	c := newAliasedCache(t, "registry.test", reg.Addr, func(cfg *server.Config) { cfg.DefaultRegistry = "registry.test" })
+	var logs syncBuffer
+	c := newAliasedCache(t, "registry.test", reg.Addr, func(cfg *server.Config) {
+		cfg.DefaultRegistry = "registry.test"
+		cfg.Logger = slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
 	host := strings.TrimPrefix(c.http.URL, "http://")
 
 	for _, prefix := range []string{"registry.test/", ""} {
@@ -151,6 +157,40 @@ func TestTokenBrokerWithCrane(t *testing.T) {
 		t.Fatalf("token requests by %v, want team-a, team-b and anonymous", users)
 	}
 	t.Logf("%d token requests reached the origin's token service", len(issued))
+
+	// No password, credential or token in any log line (debug included) or metric.
+	_, metricsText := mustGet(t, c.http.URL+"/metrics", nil, 200)
+	seen := logs.String() + string(metricsText)
+	if !strings.Contains(logs.String(), `"path":"/v2/registry.test/team-a/app/manifests/v1"`) {
+		t.Fatalf("the debug log did not record the pulls: %.300s", logs.String())
+	}
+	secrets := ts.Tokens()
+	for u, p := range pw {
+		secrets = append(secrets, p, base64.StdEncoding.EncodeToString([]byte(u+":"+p)))
+	}
+	for _, sec := range secrets {
+		if strings.Contains(seen, sec) {
+			t.Fatalf("a credential or token appears in cove-cache's logs or metrics: %.12s...", sec)
+		}
+	}
+}
+
+// syncBuffer is a log sink safe for the server's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // An origin with Basic authentication (or none) gets a cove token: the client's own
