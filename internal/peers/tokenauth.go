@@ -23,6 +23,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/containerd/containerd/v2/core/remotes/docker/auth"
 )
 
 // TokenAdmin is the user of a TokenService who may push and pull every repository
@@ -365,33 +367,13 @@ func FetchToken(challenge, user, password string) (string, error) {
 	return body.Token, nil
 }
 
-// ParseBearerChallenge parses `Bearer realm="..",service="..",scope=".."`.
+// ParseBearerChallenge returns the parameters of the Bearer challenge in a
+// WWW-Authenticate value, parsed by containerd's own parser.
 func ParseBearerChallenge(h string) (map[string]string, bool) {
-	scheme, rest, _ := strings.Cut(strings.TrimSpace(h), " ")
-	if !strings.EqualFold(scheme, "Bearer") {
-		return nil, false
-	}
-	out := map[string]string{}
-	for rest = strings.TrimSpace(rest); rest != ""; {
-		k, v, ok := strings.Cut(rest, "=")
-		if !ok {
-			break
+	for _, c := range auth.ParseAuthHeader(http.Header{"Www-Authenticate": {h}}) {
+		if c.Scheme == auth.BearerAuth && c.Parameters["realm"] != "" {
+			return c.Parameters, true
 		}
-		k = strings.ToLower(strings.TrimSpace(k))
-		v = strings.TrimSpace(v)
-		if strings.HasPrefix(v, `"`) {
-			end := strings.Index(v[1:], `"`)
-			if end < 0 {
-				return nil, false
-			}
-			out[k] = v[1 : end+1]
-			rest = strings.TrimLeft(strings.TrimSpace(v[end+2:]), ",")
-		} else {
-			val, next, _ := strings.Cut(v, ",")
-			out[k] = strings.TrimSpace(val)
-			rest = next
-		}
-		rest = strings.TrimSpace(rest)
 	}
-	return out, out["realm"] != ""
+	return nil, false
 }
