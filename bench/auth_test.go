@@ -23,13 +23,11 @@ var authRuns = envInt("COVE_BENCH_AUTH_RUNS", 5)
 func BenchmarkWarmAuthorizedPull(b *testing.B) {
 	logLoad(b)
 	ctx := benchCtx(b)
-	pw := map[string]string{peers.TokenAdmin: "admin-bench-pw", "team-a": "team-a-bench-pw"}
-	ts := peers.StartTokenService(b, pw)
-	authOrigin := peers.StartRegistry(b, peers.WithTokenAuth(ts))
+	authOrigin := peers.StartTokenOrigin(b, map[string]string{"team-a": "team-a-bench-pw"})
+	pw := authOrigin.Passwords
 	openOrigin := peers.StartRegistry(b)
 	size := int64(layerMiB) * mib
-	authImg := peers.PushRandomImage(b, authOrigin.Addr, "team-a/app:v1", layers, size,
-		peers.WithPushAuth(peers.TokenAdmin, pw[peers.TokenAdmin]))
+	authImg := authOrigin.Push(b, "team-a/app:v1", layers, size)
 	openImg := peers.PushRandomImage(b, openOrigin.Addr, "team-a/app:v1", layers, size)
 	// One cove-cache for both origins: the two sides share the process, its storage and
 	// the page cache, and differ only in the origin's authentication.
@@ -49,7 +47,7 @@ func BenchmarkWarmAuthorizedPull(b *testing.B) {
 	authBlobs, openBlobs := allBlobs(authImg), allBlobs(openImg)
 	authGets0, openGets0 := authOrigin.BlobGETs(), openOrigin.BlobGETs()
 	authReqs0, openReqs0 := len(authOrigin.Requests()), len(openOrigin.Requests())
-	tokens0 := len(ts.Issued())
+	tokens0 := len(authOrigin.Tokens.Issued())
 	hits0 := cove.Metric(b, "cove_requests_total", `operation="blob"`, `result="hit"`)
 	var authT, openT []time.Duration
 	for range authRuns {
@@ -63,7 +61,7 @@ func BenchmarkWarmAuthorizedPull(b *testing.B) {
 		origin *peers.Registry
 		gets0  map[string]int
 		blobs  []string
-	}{{"authenticated", authOrigin, authGets0, authBlobs}, {"open", openOrigin, openGets0, openBlobs}} {
+	}{{"authenticated", authOrigin.Registry, authGets0, authBlobs}, {"open", openOrigin, openGets0, openBlobs}} {
 		for i, n := range delta(side.gets0, side.origin.BlobGETs(), side.blobs) {
 			if n != 0 {
 				b.Fatalf("%s origin served blob %s %d times during %d warm pulls through cove-cache, want 0: a pull fell back to the origin",
@@ -91,7 +89,7 @@ func BenchmarkWarmAuthorizedPull(b *testing.B) {
 		return fmt.Sprint(byKind)
 	}
 	authReqs, openReqs := authOrigin.Requests()[authReqs0:], openOrigin.Requests()[openReqs0:]
-	tokens := len(ts.Issued()) - tokens0
+	tokens := len(authOrigin.Tokens.Issued()) - tokens0
 
 	ma, mo := median(authT), median(openT)
 	ratio := ma.Seconds() / mo.Seconds()

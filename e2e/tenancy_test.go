@@ -19,18 +19,12 @@ import (
 // appears in cove-cache's or cove-node's logs or metrics.
 func TestTenancyTokenAuth(t *testing.T) {
 	ctx := testCtx(t)
-	pw := map[string]string{
-		peers.TokenAdmin: "admin-secret-0x",
-		"team-a":         "team-a-secret-1x",
-		"team-b":         "team-b-secret-2x",
-	}
-	ts := peers.StartTokenService(t, pw)
-	origin := peers.StartRegistry(t, peers.WithTokenAuth(ts))
-	asAdmin := peers.WithPushAuth(peers.TokenAdmin, pw[peers.TokenAdmin])
-	imgA := peers.PushRandomImage(t, origin.Addr, "team-a/app:v1", 2, 256<<10, asAdmin)
-	imgB := peers.PushRandomImage(t, origin.Addr, "team-b/app:v1", 2, 256<<10, asAdmin)
-	imgP := peers.PushRandomImage(t, origin.Addr, "public/app:v1", 2, 256<<10, asAdmin)
-	big := peers.PushRandomImage(t, origin.Addr, "team-a/big:v1", 20, 64<<10, asAdmin)
+	origin := peers.StartTokenOrigin(t, map[string]string{"team-a": "team-a-secret-1x", "team-b": "team-b-secret-2x"})
+	ts, pw := origin.Tokens, origin.Passwords
+	imgA := origin.Push(t, "team-a/app:v1", 2, 256<<10)
+	imgB := origin.Push(t, "team-b/app:v1", 2, 256<<10)
+	imgP := origin.Push(t, "public/app:v1", 2, 256<<10)
+	big := origin.Push(t, "team-a/big:v1", 20, 64<<10)
 	pushTokens := len(ts.Issued())
 
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr, "--log-level", "debug")

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"testing"
 	"time"
 )
 
@@ -49,4 +50,31 @@ func (c *Containerd) CrictlPullWith(ctx context.Context, ref string, extraArgs .
 		}
 		return c.failure("crictl pull "+ref, out, err)
 	}
+}
+
+// TokenOrigin is a distribution registry with token authentication and its token
+// service: the multi-tenant origin of the tenancy tests and benchmarks.
+type TokenOrigin struct {
+	*Registry
+	Tokens *TokenService
+	// Passwords holds every user's password (TokenAdmin's included).
+	Passwords map[string]string
+}
+
+// StartTokenOrigin starts a token service for users (name -> password; TokenAdmin is
+// added) and a registry trusting it, both stopped at cleanup.
+func StartTokenOrigin(t testing.TB, users map[string]string) *TokenOrigin {
+	t.Helper()
+	pw := map[string]string{TokenAdmin: "admin-secret-0x"}
+	for u, p := range users {
+		pw[u] = p
+	}
+	ts := StartTokenService(t, pw)
+	return &TokenOrigin{Registry: StartRegistry(t, WithTokenAuth(ts)), Tokens: ts, Passwords: pw}
+}
+
+// Push pushes a random image (see PushRandomImage) as TokenAdmin.
+func (o *TokenOrigin) Push(t testing.TB, repoAndTag string, layers int, layerSize int64) Image {
+	t.Helper()
+	return PushRandomImage(t, o.Addr, repoAndTag, layers, layerSize, WithPushAuth(TokenAdmin, o.Passwords[TokenAdmin]))
 }

@@ -83,13 +83,11 @@ func crane(t *testing.T, c *cache, user, password string, args ...string) (strin
 // and nothing of the other's; anonymous clients get public ones only. The default
 // registry (no prefix at all) goes through the same endpoint.
 func TestTokenBrokerWithCrane(t *testing.T) {
-	pw := map[string]string{peers.TokenAdmin: "admin-secret-0x", "team-a": "team-a-secret-1x", "team-b": "team-b-secret-2x"}
-	ts := peers.StartTokenService(t, pw)
-	reg := peers.StartRegistry(t, peers.WithTokenAuth(ts))
-	asAdmin := peers.WithPushAuth(peers.TokenAdmin, pw[peers.TokenAdmin])
-	imgA := peers.PushRandomImage(t, reg.Addr, "team-a/app:v1", 2, 64<<10, asAdmin)
-	imgB := peers.PushRandomImage(t, reg.Addr, "team-b/app:v1", 2, 64<<10, asAdmin)
-	imgP := peers.PushRandomImage(t, reg.Addr, "public/app:v1", 2, 64<<10, asAdmin)
+	reg := peers.StartTokenOrigin(t, map[string]string{"team-a": "team-a-secret-1x", "team-b": "team-b-secret-2x"})
+	ts, pw := reg.Tokens, reg.Passwords
+	imgA := reg.Push(t, "team-a/app:v1", 2, 64<<10)
+	imgB := reg.Push(t, "team-b/app:v1", 2, 64<<10)
+	imgP := reg.Push(t, "public/app:v1", 2, 64<<10)
 	pushed := len(ts.Issued())
 	var logs syncBuffer
 	c := newAliasedCache(t, "registry.test", reg.Addr, func(cfg *server.Config) {
