@@ -223,3 +223,50 @@ func TestTenancyTokenAuth(t *testing.T) {
 	}
 	t.Logf("checked %d secrets (%d tokens) against %d log/metrics texts", len(secrets), len(tokens), len(texts))
 }
+
+// crane, which cannot send ns=, through the cove-cache binary to a token-authenticated
+// origin serving as the default registry: cove-cache is crane's token service, fetching
+// the origin's tokens for crane's scopes (see docs/security.md). Each tenant pulls its
+// own image and not the other's; the origin's token realm (on loopback here) is
+// contacted only because --origin-allow names it.
+func TestCraneThroughTokenBroker(t *testing.T) {
+	origin := peers.StartTokenOrigin(t, map[string]string{"team-a": "team-a-secret-1x", "team-b": "team-b-secret-2x"})
+	imgA := origin.Push(t, "team-a/app:v1", 2, 256<<10)
+	imgB := origin.Push(t, "team-b/app:v1", 2, 256<<10)
+	pushed := len(origin.Tokens.Issued())
+	realmHost := strings.TrimPrefix(origin.Tokens.Realm, "http://")
+	realmHost = realmHost[:strings.Index(realmHost, "/")]
+	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr, "--default-registry", origin.Addr, "--origin-allow", realmHost)
+	host := strings.TrimPrefix(cove.URL, "http://")
+	pull := func(user string, img peers.Image, repo string) error {
+		_, err := peers.Crane(t, host, user, origin.Passwords[user], "pull", "--format", "oci", host+"/"+repo+":v1", t.TempDir())
+		if err != nil {
+			return err
+		}
+		got, err := peers.Crane(t, host, user, origin.Passwords[user], "digest", host+"/"+repo+":v1")
+		if err == nil && got != img.Digest {
+			t.Fatalf("crane digest %s as %s: %s, want %s", repo, user, got, img.Digest)
+		}
+		return err
+	}
+	for round := range 2 { // cold, then warm
+		if err := pull("team-a", imgA, "team-a/app"); err != nil {
+			t.Fatalf("round %d: team-a pulling its own image: %v", round, err)
+		}
+		if err := pull("team-b", imgB, "team-b/app"); err != nil {
+			t.Fatalf("round %d: team-b pulling its own image: %v", round, err)
+		}
+		if pull("team-b", imgA, "team-a/app") == nil || pull("", imgA, "team-a/app") == nil {
+			t.Fatalf("round %d: team-a's image pulled by team-b or anonymously", round)
+		}
+	}
+	if n := cove.Metric(t, "cove_requests_total", `operation="token"`); n == 0 {
+		t.Fatal("cove-cache's token endpoint was not used")
+	}
+	if n := cove.Metric(t, "cove_requests_total", `operation="blob",result="hit"`); n < 3 {
+		t.Fatalf("%v blob hits: the warm round was not served from the cache", n)
+	}
+	if n := len(origin.Tokens.Issued()) - pushed; n == 0 {
+		t.Fatal("no token request reached the origin's token service")
+	}
+}

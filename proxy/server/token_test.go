@@ -9,9 +9,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -56,24 +53,10 @@ func newAliasedCache(t *testing.T, alias, originAddr string, configure func(*ser
 	}, alias)
 }
 
-// crane runs the crane binary against the cache with a docker config holding user's
-// credentials for the cache's host ("" for none).
+// crane runs the crane binary against the cache as user ("" for anonymous).
 func crane(t *testing.T, c *cache, user, password string, args ...string) (string, error) {
 	t.Helper()
-	dir := t.TempDir()
-	host := strings.TrimPrefix(c.http.URL, "http://")
-	cfg := map[string]any{"auths": map[string]any{}}
-	if user != "" {
-		cfg["auths"] = map[string]any{host: map[string]string{"auth": base64.StdEncoding.EncodeToString([]byte(user + ":" + password))}}
-	}
-	b, _ := json.Marshal(cfg)
-	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.CommandContext(t.Context(), peers.Bin(t, "crane"), append([]string{"--insecure"}, args...)...)
-	cmd.Env = append(os.Environ(), "DOCKER_CONFIG="+dir)
-	out, err := cmd.CombinedOutput()
-	return strings.TrimSpace(string(out)), err
+	return peers.Crane(t, strings.TrimPrefix(c.http.URL, "http://"), user, password, args...)
 }
 
 // Path-prefix routing against a token-authenticated origin, with crane: crane asks
