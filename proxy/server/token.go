@@ -37,6 +37,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker/auth"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
@@ -85,10 +86,20 @@ func decodeCoveToken(h http.Header) (tok coveToken, ok bool, err error) {
 	if err != nil {
 		return coveToken{}, true, errMalformedToken
 	}
-	if err := json.Unmarshal(b, &tok); err != nil || tok.Registry == "" {
+	if err := json.Unmarshal(b, &tok); err != nil || tok.Registry == "" || !isBasicOrNone(tok.Authorization) {
 		return coveToken{}, true, errMalformedToken
 	}
 	return tok, true, nil
+}
+
+// isBasicOrNone reports whether an Authorization value is empty or a well-formed Basic
+// credential: the only contents a cove token may carry to an origin.
+func isBasicOrNone(v string) bool {
+	if v == "" {
+		return true
+	}
+	scheme, cred, ok := strings.Cut(v, " ")
+	return ok && strings.EqualFold(scheme, "Basic") && cred != "" && httpguts.ValidHeaderFieldValue(v)
 }
 
 type tokenError string
@@ -288,6 +299,11 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	client := r.Header.Get("Authorization")
+	if !isBasicOrNone(client) {
+		s.metrics.Request("token", metrics.ResultInvalid)
+		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", "token requests authenticate with Basic credentials or none")
+		return
+	}
 	if client != "" {
 		// Check the credentials now, so that a wrong password fails the login, not a
 		// later pull.

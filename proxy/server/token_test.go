@@ -218,6 +218,9 @@ func TestTokenBrokerBasicOrigin(t *testing.T) {
 	forged := map[string]string{"Authorization": "Bearer cove1." + base64.RawURLEncoding.EncodeToString([]byte(`{"r":"registry.test","a":"Basic `+base64.StdEncoding.EncodeToString([]byte("alice:guess"))+`"}`))}
 	mustGet(t, c.http.URL+"/v2/registry.test/team/app/manifests/v1", forged, 401)
 	mustGet(t, c.http.URL+"/v2/registry.test/team/app/manifests/v1", map[string]string{"Authorization": "Bearer cove1.!!"}, 401)
+	// A token carrying anything but a Basic credential is malformed.
+	smuggled := "Bearer cove1." + base64.RawURLEncoding.EncodeToString([]byte(`{"r":"registry.test","a":"Basic eA==\r\nX-Evil: 1"}`))
+	mustGet(t, c.http.URL+"/v2/registry.test/team/app/manifests/v1", map[string]string{"Authorization": smuggled}, 401)
 }
 
 func doBasic(t *testing.T, u, user, password string) (*http.Response, []byte, error) {
