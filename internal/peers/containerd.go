@@ -296,16 +296,24 @@ func (c *Containerd) Pull(ctx context.Context, ref string, extraArgs ...string) 
 // CrictlPull pulls ref through the CRI image service, as the kubelet would, so the
 // CRI plugin's registry config_path (HostsDir) and its image pull path are exercised.
 func (c *Containerd) CrictlPull(ctx context.Context, ref string) error {
+	return c.CrictlPullWith(ctx, ref)
+}
+
+// CrictlPullWith is CrictlPull with extra arguments to `crictl pull` before the
+// reference, for example "--creds", "USER:PASSWORD".
+func (c *Containerd) CrictlPullWith(ctx context.Context, ref string, extraArgs ...string) error {
 	bin := filepath.Join(ToolsDir(), "crictl")
 	if _, err := os.Stat(bin); err != nil {
 		return fmt.Errorf("crictl not found at %s: run `make tools`", bin)
 	}
 	ep := "unix://" + c.Address
+	args := []string{
+		"--config", filepath.Join(c.dir, "crictl.yaml"), // not /etc/crictl.yaml
+		"--runtime-endpoint", ep, "--image-endpoint", ep, "--timeout", "10m",
+		"pull"}
+	args = append(append(args, extraArgs...), ref)
 	for {
-		out, err := runTool(ctx, bin,
-			"--config", filepath.Join(c.dir, "crictl.yaml"), // not /etc/crictl.yaml
-			"--runtime-endpoint", ep, "--image-endpoint", ep, "--timeout", "10m",
-			"pull", ref)
+		out, err := runTool(ctx, bin, args...)
 		if err == nil {
 			return nil
 		}
