@@ -1,15 +1,8 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -18,71 +11,8 @@ import (
 	"time"
 
 	"github.com/cove-oci/cove/internal/peers"
+	"github.com/cove-oci/cove/internal/testpki"
 )
-
-// tlsCA is a test certificate authority.
-type tlsCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pool *x509.CertPool
-	pem  []byte
-}
-
-func newTLSCA(t *testing.T, name string) *tlsCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &tlsCA{cert: cert, key: key, pool: pool, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// leaf issues a server certificate for 127.0.0.1 and returns its PEM certificate and key.
-func (ca *tlsCA) leaf(t *testing.T, serial int64) (certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial),
-		Subject:      pkix.Name{CommonName: "cove-cache"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})
-}
 
 // writeAtomic writes b beside path and renames it over path, as a secret update would.
 func writeAtomic(t *testing.T, path string, b []byte) {
@@ -119,22 +49,22 @@ func nodeFallbacks(t *testing.T, n *peers.CoveNode) float64 {
 func TestTLSCacheWithRotation(t *testing.T) {
 	ctx := testCtx(t)
 	dir := t.TempDir()
-	ca := newTLSCA(t, "cove test CA")
+	ca := testpki.NewCA(t, "cove test CA")
 	caFile := filepath.Join(dir, "ca.pem")
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
-	if err := os.WriteFile(caFile, ca.pem, 0o600); err != nil {
+	if err := os.WriteFile(caFile, ca.PEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cert1, key1 := ca.leaf(t, 1001)
-	cert2, key2 := ca.leaf(t, 1002)
+	cert1, key1 := ca.Leaf(t, 1001)
+	cert2, key2 := ca.Leaf(t, 1002)
 	writeAtomic(t, certFile, cert1)
 	writeAtomic(t, keyFile, key1)
 
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 2, 1<<20)
 	img2 := peers.PushRandomImage(t, origin.Addr, "team/app:v2", 2, 1<<20)
-	cove := peers.StartCoveTLS(t, "", certFile, keyFile, ca.pool, "--origin-plain-http", origin.Addr)
-	if got := servedSerial(t, cove.Addr, ca.pool); got != 1001 {
+	cove := peers.StartCoveTLS(t, "", certFile, keyFile, ca.Pool, "--origin-plain-http", origin.Addr)
+	if got := servedSerial(t, cove.Addr, ca.Pool); got != 1001 {
 		t.Fatalf("serial %d, want 1001", got)
 	}
 	// Plain HTTP to the TLS port gets nowhere.
@@ -165,7 +95,7 @@ func TestTLSCacheWithRotation(t *testing.T) {
 	writeAtomic(t, certFile, cert2)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		got := servedSerial(t, cove.Addr, ca.pool)
+		got := servedSerial(t, cove.Addr, ca.Pool)
 		if got == 1002 {
 			break
 		}
@@ -216,9 +146,9 @@ func TestTLSCacheWithRotation(t *testing.T) {
 
 	// A cove-node that trusts another CA cannot verify cove-cache: it hands off, and the
 	// pull still succeeds from the origin.
-	other := newTLSCA(t, "some other CA")
+	other := testpki.NewCA(t, "some other CA")
 	otherFile := filepath.Join(dir, "other-ca.pem")
-	if err := os.WriteFile(otherFile, other.pem, 0o600); err != nil {
+	if err := os.WriteFile(otherFile, other.PEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	wrong := peers.StartCoveNode(t, []string{cove.URL}, "--cache-ca", otherFile, "--origin-plain-http", origin.Addr)

@@ -2,17 +2,10 @@ package install
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	crand "crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"fmt"
 	"io/fs"
-	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -24,6 +17,7 @@ import (
 	"time"
 
 	"github.com/cove-oci/cove/internal/peers"
+	"github.com/cove-oci/cove/internal/testpki"
 )
 
 // script is node.sh next to this file.
@@ -902,24 +896,7 @@ func testCABundle(t *testing.T, n int) (string, []byte) {
 	t.Helper()
 	var bundle []byte
 	for i := range n {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmpl := &x509.Certificate{
-			SerialNumber:          big.NewInt(int64(i + 1)),
-			Subject:               pkix.Name{CommonName: fmt.Sprintf("cove test CA %d", i)},
-			NotBefore:             time.Now().Add(-time.Hour),
-			NotAfter:              time.Now().Add(24 * time.Hour),
-			KeyUsage:              x509.KeyUsageCertSign,
-			BasicConstraintsValid: true,
-			IsCA:                  true,
-		}
-		der, err := x509.CreateCertificate(crand.Reader, tmpl, tmpl, &key.PublicKey, key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		bundle = append(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+		bundle = append(bundle, testpki.NewCA(t, fmt.Sprintf("cove test CA %d", i)).PEM...)
 	}
 	p := filepath.Join(t.TempDir(), "ca.pem")
 	writeFile(t, p, string(bundle))

@@ -2,19 +2,14 @@ package main
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/cove-oci/cove/internal/testpki"
 )
 
 func TestBadFlagsFailClearly(t *testing.T) {
@@ -67,17 +62,8 @@ func TestPrintContainerdConfig(t *testing.T) {
 
 func TestTLSCacheCA(t *testing.T) {
 	dir := t.TempDir()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
 	good := filepath.Join(dir, "ca.pem")
-	mustWrite(t, good, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	mustWrite(t, good, testpki.NewCA(t, "test CA").PEM)
 	empty := filepath.Join(dir, "empty.pem")
 	mustWrite(t, empty, nil)
 	keyOnly := filepath.Join(dir, "key.pem")

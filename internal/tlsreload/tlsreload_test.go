@@ -2,24 +2,20 @@ package tlsreload
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"io"
 	"log/slog"
 	"math/big"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cove-oci/cove/internal/testpki"
 )
 
 // pair is a PEM certificate and key for 127.0.0.1 signed by a test CA.
@@ -28,65 +24,11 @@ type pair struct {
 	serial    *big.Int
 }
 
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pool *x509.CertPool
-}
-
-func newCA(t *testing.T) *testCA {
+// leaf issues a pair signed by ca (see testpki.CA.Leaf).
+func leaf(t *testing.T, ca *testpki.CA, serial int64) pair {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "tlsreload test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool}
-}
-
-func (ca *testCA) leaf(t *testing.T, serial int64) pair {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial),
-		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pair{
-		cert:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		key:    pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}),
-		serial: big.NewInt(serial),
-	}
+	cert, key := ca.Leaf(t, serial)
+	return pair{cert: cert, key: key, serial: big.NewInt(serial)}
 }
 
 func write(t *testing.T, path string, b []byte) {
@@ -158,12 +100,12 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 	return w.buf.Write(p)
 }
 
-func setup(t *testing.T, opts ...Option) (ca *testCA, dir, certFile, keyFile string, r *Reloader, addr string, logs *bytes.Buffer) {
+func setup(t *testing.T, opts ...Option) (ca *testpki.CA, dir, certFile, keyFile string, r *Reloader, addr string, logs *bytes.Buffer) {
 	t.Helper()
-	ca = newCA(t)
+	ca = testpki.NewCA(t, "tlsreload test CA")
 	dir = t.TempDir()
 	certFile, keyFile = filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
-	p := ca.leaf(t, 1001)
+	p := leaf(t, ca, 1001)
 	write(t, certFile, p.cert)
 	write(t, keyFile, p.key)
 	logs = &bytes.Buffer{}
@@ -172,7 +114,7 @@ func setup(t *testing.T, opts ...Option) (ca *testCA, dir, certFile, keyFile str
 		t.Fatal(err)
 	}
 	addr = serve(t, r)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("serial %v, want 1001", got)
 	}
 	return
@@ -180,20 +122,20 @@ func setup(t *testing.T, opts ...Option) (ca *testCA, dir, certFile, keyFile str
 
 func TestRotateInPlace(t *testing.T) {
 	ca, _, certFile, keyFile, _, addr, _ := setup(t)
-	p := ca.leaf(t, 1002)
+	p := leaf(t, ca, 1002)
 	write(t, certFile, p.cert)
 	write(t, keyFile, p.key)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1002 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1002 {
 		t.Fatalf("after rotation: serial %v, want 1002", got)
 	}
 }
 
 func TestRotateByRename(t *testing.T) {
 	ca, _, certFile, keyFile, _, addr, _ := setup(t)
-	p := ca.leaf(t, 1002)
+	p := leaf(t, ca, 1002)
 	replace(t, keyFile, p.key)
 	replace(t, certFile, p.cert)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1002 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1002 {
 		t.Fatalf("after rename: serial %v, want 1002", got)
 	}
 }
@@ -201,7 +143,7 @@ func TestRotateByRename(t *testing.T) {
 // The way a Kubernetes secret volume updates: tls.crt -> ..data/tls.crt, ..data ->
 // ..TIMESTAMP, and an update renames a new ..data symlink over the old one.
 func TestRotateSecretVolumeSymlinkSwap(t *testing.T) {
-	ca := newCA(t)
+	ca := testpki.NewCA(t, "tlsreload test CA")
 	dir := t.TempDir()
 	mkver := func(name string, p pair) {
 		d := filepath.Join(dir, name)
@@ -211,7 +153,7 @@ func TestRotateSecretVolumeSymlinkSwap(t *testing.T) {
 		write(t, filepath.Join(d, "tls.crt"), p.cert)
 		write(t, filepath.Join(d, "tls.key"), p.key)
 	}
-	mkver("..v1", ca.leaf(t, 1001))
+	mkver("..v1", leaf(t, ca, 1001))
 	must := func(err error) {
 		t.Helper()
 		if err != nil {
@@ -224,25 +166,25 @@ func TestRotateSecretVolumeSymlinkSwap(t *testing.T) {
 	r, err := New(filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), WithCheckInterval(0), WithLogger(quietLogger(&bytes.Buffer{})))
 	must(err)
 	addr := serve(t, r)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("serial %v, want 1001", got)
 	}
-	mkver("..v2", ca.leaf(t, 1002))
+	mkver("..v2", leaf(t, ca, 1002))
 	must(os.Symlink("..v2", filepath.Join(dir, "..data_tmp")))
 	must(os.Rename(filepath.Join(dir, "..data_tmp"), filepath.Join(dir, "..data")))
 	must(os.RemoveAll(filepath.Join(dir, "..v1")))
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1002 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1002 {
 		t.Fatalf("after the symlink swap: serial %v, want 1002", got)
 	}
 }
 
 func TestBadPairKeepsOld(t *testing.T) {
 	ca, _, certFile, keyFile, r, addr, logs := setup(t)
-	p2, p3 := ca.leaf(t, 1002), ca.leaf(t, 1003)
+	p2, p3 := leaf(t, ca, 1002), leaf(t, ca, 1003)
 	// A certificate whose key is another's.
 	write(t, certFile, p2.cert)
 	write(t, keyFile, p3.key)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("mismatched pair: serial %v, want the old 1001", got)
 	}
 	if !strings.Contains(logs.String(), "TLS certificate reload failed") {
@@ -253,7 +195,7 @@ func TestBadPairKeepsOld(t *testing.T) {
 	if err := r.Check(); err == nil {
 		t.Fatal("Check of a garbage certificate: no error")
 	}
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("garbage: serial %v, want the old 1001", got)
 	}
 	// A missing file.
@@ -263,13 +205,13 @@ func TestBadPairKeepsOld(t *testing.T) {
 	if err := r.Check(); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Check with the key gone: %v, want not-exist", err)
 	}
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("key missing: serial %v, want the old 1001", got)
 	}
 	// Fixed: picked up.
 	write(t, certFile, p3.cert)
 	write(t, keyFile, p3.key)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1003 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1003 {
 		t.Fatalf("after the fix: serial %v, want 1003", got)
 	}
 }
@@ -278,22 +220,22 @@ func TestBadPairKeepsOld(t *testing.T) {
 // rest: every handshake in between gets the old certificate, the end the new one.
 func TestPartialWrite(t *testing.T) {
 	ca, _, certFile, keyFile, _, addr, _ := setup(t)
-	p := ca.leaf(t, 1002)
+	p := leaf(t, ca, 1002)
 	write(t, certFile, p.cert[:len(p.cert)/2])
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("half a certificate: serial %v, want 1001", got)
 	}
 	write(t, certFile, p.cert)
 	// The certificate is whole but the key is still the old one: a mismatch.
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("new certificate, old key: serial %v, want 1001", got)
 	}
 	write(t, keyFile, p.key[:len(p.key)/3])
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("partial key: serial %v, want 1001", got)
 	}
 	write(t, keyFile, p.key)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1002 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1002 {
 		t.Fatalf("whole pair: serial %v, want 1002", got)
 	}
 }
@@ -308,16 +250,16 @@ func TestCheckInterval(t *testing.T) {
 	r.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	r.lastCheck = now
 	r.mu.Unlock()
-	p := ca.leaf(t, 1002)
+	p := leaf(t, ca, 1002)
 	write(t, certFile, p.cert)
 	write(t, keyFile, p.key)
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1001 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1001 {
 		t.Fatalf("within the interval: serial %v, want 1001 (not checked yet)", got)
 	}
 	mu.Lock()
 	now = now.Add(time.Minute)
 	mu.Unlock()
-	if got := servedSerial(t, addr, ca.pool); got.Int64() != 1002 {
+	if got := servedSerial(t, addr, ca.Pool); got.Int64() != 1002 {
 		t.Fatalf("after the interval: serial %v, want 1002", got)
 	}
 }
@@ -325,7 +267,7 @@ func TestCheckInterval(t *testing.T) {
 // Many handshakes during many rotations (run with -race): each gets a whole certificate.
 func TestConcurrentRotation(t *testing.T) {
 	ca, _, certFile, keyFile, _, addr, _ := setup(t)
-	pairs := []pair{ca.leaf(t, 2001), ca.leaf(t, 2002), ca.leaf(t, 2003)}
+	pairs := []pair{leaf(t, ca, 2001), leaf(t, ca, 2002), leaf(t, ca, 2003)}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for range 4 {
@@ -338,7 +280,7 @@ func TestConcurrentRotation(t *testing.T) {
 					return
 				default:
 				}
-				c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.pool})
+				c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool})
 				if err != nil {
 					t.Error(err)
 					return
@@ -356,19 +298,19 @@ func TestConcurrentRotation(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	last := pairs[29%len(pairs)]
-	if got := servedSerial(t, addr, ca.pool); got.Cmp(last.serial) != 0 {
+	if got := servedSerial(t, addr, ca.Pool); got.Cmp(last.serial) != 0 {
 		t.Fatalf("serial %v, want %v", got, last.serial)
 	}
 }
 
 func TestNewFailsClearly(t *testing.T) {
-	ca := newCA(t)
+	ca := testpki.NewCA(t, "tlsreload test CA")
 	dir := t.TempDir()
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	if _, err := New(certFile, keyFile); err == nil || !strings.Contains(err.Error(), "tls.crt") {
 		t.Fatalf("missing files: %v", err)
 	}
-	p, q := ca.leaf(t, 1), ca.leaf(t, 2)
+	p, q := leaf(t, ca, 1), leaf(t, ca, 2)
 	write(t, certFile, p.cert)
 	write(t, keyFile, q.key)
 	if _, err := New(certFile, keyFile); err == nil || !strings.Contains(err.Error(), "loading TLS certificate") {
@@ -381,11 +323,11 @@ func TestNewFailsClearly(t *testing.T) {
 
 func TestMinimumTLS12(t *testing.T) {
 	ca, _, _, _, _, addr, _ := setup(t)
-	_, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.pool, MinVersion: tls.VersionTLS10, MaxVersion: tls.VersionTLS11})
+	_, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool, MinVersion: tls.VersionTLS10, MaxVersion: tls.VersionTLS11})
 	if err == nil {
 		t.Fatal("a TLS 1.1 handshake succeeded")
 	}
-	c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.pool, MaxVersion: tls.VersionTLS12})
+	c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool, MaxVersion: tls.VersionTLS12})
 	if err != nil {
 		t.Fatalf("TLS 1.2: %v", err)
 	}
