@@ -115,10 +115,12 @@ var disabledPlugins = []string{
 	"io.containerd.monitor.container.v1.restart",
 }
 
-func (o containerdConfig) toml(root, state, sock, hostsDir, cniDir string) string {
+// writeConfigHead writes what every test containerd config starts with: the version,
+// root and state, the plugins a test never needs disabled, the sockets, the log level,
+// and the opening of the [plugins] table.
+func writeConfigHead(b *strings.Builder, version int, root, state, sock string) {
 	q := strconv.Quote
-	var b strings.Builder
-	fmt.Fprintf(&b, "version = 3\nroot = %s\nstate = %s\n", q(root), q(state))
+	fmt.Fprintf(b, "version = %d\nroot = %s\nstate = %s\n", version, q(root), q(state))
 	b.WriteString("disabled_plugins = [")
 	for i, p := range disabledPlugins {
 		if i > 0 {
@@ -127,9 +129,15 @@ func (o containerdConfig) toml(root, state, sock, hostsDir, cniDir string) strin
 		b.WriteString(q(p))
 	}
 	b.WriteString("]\n\n")
-	fmt.Fprintf(&b, "[grpc]\n  address = %s\n\n[ttrpc]\n  address = %s\n\n", q(sock), q(sock+".ttrpc"))
+	fmt.Fprintf(b, "[grpc]\n  address = %s\n\n[ttrpc]\n  address = %s\n\n", q(sock), q(sock+".ttrpc"))
 	b.WriteString("[debug]\n  level = \"info\"\n\n")
 	b.WriteString("[plugins]\n")
+}
+
+func (o containerdConfig) toml(root, state, sock, hostsDir, cniDir string) string {
+	q := strconv.Quote
+	var b strings.Builder
+	writeConfigHead(&b, 3, root, state, sock)
 	// ctr image pull goes through this plugin. Its own config_path is parsed but never
 	// used in v2.3.4 (ctr must pass --hosts-dir); CRI's transfer-service pulls pass
 	// CRI's config_path instead.
@@ -357,6 +365,22 @@ type manifestOrIndex struct {
 	Config    *descriptor  `json:"config"`
 	Layers    []descriptor `json:"layers"`
 	Manifests []descriptor `json:"manifests"`
+}
+
+// CheckPulled fails t unless c recorded img's manifest as the target of img.Ref and
+// every blob of the image reads back intact from c's content store.
+func CheckPulled(t testing.TB, ctx context.Context, c *Containerd, img Image) {
+	t.Helper()
+	got, err := c.ImageTarget(ctx, img.Ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != img.Digest {
+		t.Fatalf("target of %s = %s, pushed %s", img.Ref, got, img.Digest)
+	}
+	if err := c.ReadAllContent(ctx, img.Ref); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // ReadAllContent reads every blob of ref back from containerd's content store with

@@ -61,18 +61,7 @@ func NewContainerdLayout(t testing.TB) ContainerdLayout {
 func (l ContainerdLayout) BaseConfig(version int) string {
 	q := strconv.Quote
 	var b strings.Builder
-	fmt.Fprintf(&b, "version = %d\nroot = %s\nstate = %s\n", version, q(l.Root), q(l.State))
-	b.WriteString("disabled_plugins = [")
-	for i, p := range disabledPlugins {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteString(q(p))
-	}
-	b.WriteString("]\n\n")
-	fmt.Fprintf(&b, "[grpc]\n  address = %s\n\n[ttrpc]\n  address = %s\n\n", q(l.Address), q(l.Address+".ttrpc"))
-	b.WriteString("[debug]\n  level = \"info\"\n\n")
-	b.WriteString("[plugins]\n")
+	writeConfigHead(&b, version, l.Root, l.State, l.Address)
 	switch version {
 	case 2:
 		b.WriteString("  [plugins.\"io.containerd.grpc.v1.cri\"]\n")
@@ -111,12 +100,21 @@ func StartContainerdWithConfig(t testing.TB, configPath string, l ContainerdLayo
 		LogPath:    filepath.Join(t.TempDir(), "containerd.log"),
 		dir:        l.dir,
 	}
+	c.start(t, bin)
+	return c
+}
+
+// start writes crictl's config beside the socket (CrictlPull passes it, so crictl never
+// reads /etc/crictl.yaml), runs containerd with c.ConfigPath until cleanup, and waits
+// for its socket.
+func (c *Containerd) start(t testing.TB, bin string) {
+	t.Helper()
 	ep := "unix://" + c.Address
 	crictlYAML := fmt.Sprintf("runtime-endpoint: %s\nimage-endpoint: %s\ntimeout: 600\n", ep, ep)
-	if err := os.WriteFile(filepath.Join(l.dir, "crictl.yaml"), []byte(crictlYAML), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(c.dir, "crictl.yaml"), []byte(crictlYAML), 0o644); err != nil {
 		t.Fatalf("peers: %v", err)
 	}
-	p, err := startProc("containerd", bin, []string{"--config", configPath}, cleanEnv(),
+	p, err := startProc("containerd", bin, []string{"--config", c.ConfigPath}, cleanEnv(),
 		c.LogPath, c.LogPath, 10*time.Second)
 	if err != nil {
 		t.Fatalf("peers: %v", err)
@@ -126,9 +124,8 @@ func StartContainerdWithConfig(t testing.TB, configPath string, l ContainerdLayo
 	if err := waitUnix(p, c.Address, 20*time.Second); err != nil {
 		c.Stop()
 		t.Fatalf("peers: containerd did not start: %v\nconfig %s\ncontainerd log %s (tail):\n%s",
-			err, configPath, c.LogPath, logTail(c.LogPath, 40))
+			err, c.ConfigPath, c.LogPath, logTail(c.LogPath, 40))
 	}
-	return c
 }
 
 // Log returns containerd's log so far.
@@ -208,6 +205,13 @@ func StartCoveNodeCommand(t testing.TB, argv []string) *CoveNode {
 	if err != nil {
 		t.Fatalf("peers: start cove-node: %v", err)
 	}
+	return awaitCoveNode(t, p, addr, logPath)
+}
+
+// awaitCoveNode takes charge of a started cove-node process p (stopped at cleanup) and
+// waits until its /healthz answers on addr.
+func awaitCoveNode(t testing.TB, p *proc, addr, logPath string) *CoveNode {
+	t.Helper()
 	n := &CoveNode{Addr: addr, URL: "http://" + addr, LogPath: logPath, proc: p}
 	t.Cleanup(n.Stop)
 	if err := waitHTTP(p, n.URL+"/healthz", 10*time.Second); err != nil {

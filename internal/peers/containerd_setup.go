@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 )
 
 // ContainerdSetup holds what StartContainerdWith adds to StartContainerd.
@@ -84,23 +83,7 @@ func StartContainerdWith(t testing.TB, setup ContainerdSetup, opts ...Containerd
 	if err := os.WriteFile(c.ConfigPath, []byte(toml), 0o644); err != nil {
 		t.Fatalf("peers: %v", err)
 	}
-	ep := "unix://" + c.Address
-	crictlYAML := fmt.Sprintf("runtime-endpoint: %s\nimage-endpoint: %s\ntimeout: 600\n", ep, ep)
-	if err := os.WriteFile(filepath.Join(sockDir, "crictl.yaml"), []byte(crictlYAML), 0o644); err != nil {
-		t.Fatalf("peers: %v", err)
-	}
-	p, err := startProc("containerd", bin, []string{"--config", c.ConfigPath}, cleanEnv(),
-		c.LogPath, c.LogPath, 10*time.Second)
-	if err != nil {
-		t.Fatalf("peers: %v", err)
-	}
-	c.proc = p
-	t.Cleanup(c.Stop)
-	if err := waitUnix(p, c.Address, 20*time.Second); err != nil {
-		c.Stop()
-		t.Fatalf("peers: containerd did not start: %v\nconfig %s\ncontainerd log %s (tail):\n%s",
-			err, c.ConfigPath, c.LogPath, logTail(c.LogPath, 40))
-	}
+	c.start(t, bin)
 	return c
 }
 

@@ -91,11 +91,5 @@ func StartCoveNodeOn(t testing.TB, ln *net.UnixListener, argv []string) *CoveNod
 		p.waitErr = cmd.Wait()
 		close(p.done)
 	}()
-	n := &CoveNode{Addr: addr, URL: "http://" + addr, LogPath: logPath, proc: p}
-	t.Cleanup(n.Stop)
-	if err := waitHTTP(p, n.URL+"/healthz", 10*time.Second); err != nil {
-		n.Stop()
-		t.Fatalf("peers: cove-node did not become ready: %v\n%s", err, logTail(logPath, 30))
-	}
-	return n
+	return awaitCoveNode(t, p, addr, logPath)
 }
