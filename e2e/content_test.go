@@ -20,7 +20,7 @@ func TestContentHookPrefill(t *testing.T) {
 	if err := c.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, c, img)
+	peers.CheckPulled(t, ctx, c, img)
 	for _, d := range allBlobs(img) {
 		if n := origin.BlobGETs()[d]; n != 1 {
 			t.Errorf("origin GETs of %s = %d, want 1", d, n)
@@ -35,7 +35,7 @@ func TestContentHookPrefill(t *testing.T) {
 	// The hook off: containerd's built-in store on the same root has everything.
 	c.Stop()
 	plain := peers.StartContainerdWith(t, peers.ContainerdSetup{Root: setup.Root})
-	checkPulled(t, ctx, plain, img)
+	peers.CheckPulled(t, ctx, plain, img)
 }
 
 // crictl through the content hook, on a fresh node.
@@ -49,5 +49,5 @@ func TestContentHookCrictl(t *testing.T) {
 	if err := c.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, c, img)
+	peers.CheckPulled(t, ctx, c, img)
 }

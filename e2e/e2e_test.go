@@ -32,20 +32,6 @@ func testCtx(t *testing.T) context.Context {
 
 func allBlobs(img peers.Image) []string { return append([]string{img.Config}, img.Layers...) }
 
-func checkPulled(t *testing.T, ctx context.Context, c *peers.Containerd, img peers.Image) {
-	t.Helper()
-	got, err := c.ImageTarget(ctx, img.Ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got != img.Digest {
-		t.Fatalf("image target = %s, want %s", got, img.Digest)
-	}
-	if err := c.ReadAllContent(ctx, img.Ref); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // A ctr pull and a crictl pull through cove-cache; the second, fresh containerd costs the
 // origin no blob GET at all.
 func TestPullThroughCacheWithCtrAndCrictl(t *testing.T) {
@@ -58,7 +44,7 @@ func TestPullThroughCacheWithCtrAndCrictl(t *testing.T) {
 	if err := first.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, first, img)
+	peers.CheckPulled(t, ctx, first, img)
 	afterFirst := origin.BlobGETs()
 	for _, d := range allBlobs(img) {
 		if afterFirst[d] != 1 {
@@ -73,7 +59,7 @@ func TestPullThroughCacheWithCtrAndCrictl(t *testing.T) {
 	if err := second.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, second, img)
+	peers.CheckPulled(t, ctx, second, img)
 	afterSecond := origin.BlobGETs()
 	for _, d := range allBlobs(img) {
 		if afterSecond[d] != afterFirst[d] {
@@ -113,7 +99,7 @@ func TestEightNodesColdPullOneOriginFetch(t *testing.T) {
 		if err != nil {
 			t.Fatalf("node %d: %v", i, err)
 		}
-		checkPulled(t, ctx, nodes[i], img)
+		peers.CheckPulled(t, ctx, nodes[i], img)
 	}
 	gets := origin.BlobGETs()
 	for _, d := range allBlobs(img) {
@@ -138,7 +124,7 @@ func TestConcurrentLayerFetchBuffer(t *testing.T) {
 		if err := node.Pull(ctx, img.Ref); err != nil {
 			t.Fatalf("pull %d: %v", i, err)
 		}
-		checkPulled(t, ctx, node, img)
+		peers.CheckPulled(t, ctx, node, img)
 	}
 	gets := origin.BlobGETs()
 	for _, d := range allBlobs(img) {
@@ -163,13 +149,13 @@ func TestTagMovedAtOrigin(t *testing.T) {
 	if err := a.Pull(ctx, old.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, a, old)
+	peers.CheckPulled(t, ctx, a, old)
 	moved := peers.PushRandomImage(t, origin.Addr, "team/app:stable", 1, 1<<20)
 	b := peers.StartContainerd(t, peers.WithMirror(cove.URL))
 	if err := b.CrictlPull(ctx, moved.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, b, moved)
+	peers.CheckPulled(t, ctx, b, moved)
 }
 
 // throttle serves the origin through a slow link, so a fill is still running when the
@@ -302,7 +288,7 @@ func TestAuthenticatedPull(t *testing.T) {
 		if err := node.Pull(ctx, img.Ref, "--user", "alice:alice-secret-1"); err != nil {
 			t.Fatalf("pull %d: %v", i, err)
 		}
-		checkPulled(t, ctx, node, img)
+		peers.CheckPulled(t, ctx, node, img)
 	}
 	if hits := cove.Metric(t, "cove_requests_total", `operation="blob"`, `result="hit"`); hits < 3 {
 		t.Fatalf("second authenticated pull was not served from the cache (hits %v)", hits)

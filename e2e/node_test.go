@@ -26,12 +26,12 @@ func TestPullThroughNodeAndCache(t *testing.T) {
 	if err := a.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, a, img)
+	peers.CheckPulled(t, ctx, a, img)
 	b := peers.StartContainerd(t, peers.WithMirror(node.URL))
 	if err := b.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, b, img)
+	peers.CheckPulled(t, ctx, b, img)
 	for _, d := range allBlobs(img) {
 		if n := origin.BlobGETs()[d]; n != 1 {
 			t.Errorf("origin GETs of %s = %d, want 1", d, n)
@@ -129,7 +129,7 @@ func TestNodeStoppedContainerdFallsBack(t *testing.T) {
 	if err := c.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, c, img)
+	peers.CheckPulled(t, ctx, c, img)
 	if took := time.Since(start); took > 5*time.Second {
 		t.Fatalf("fallback took %s", took)
 	}
@@ -205,7 +205,7 @@ func TestCRILocalPullThroughNode(t *testing.T) {
 	if err := c.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, c, img)
+	peers.CheckPulled(t, ctx, c, img)
 	if n := node.Metric(t, "cove_node_requests_total", `served_by="cache"`); n < float64(len(allBlobs(img))) {
 		t.Fatalf("cove-node served %v requests from the cache: CRI's local pull went around it", n)
 	}

@@ -46,7 +46,7 @@ func TestTenancyTokenAuth(t *testing.T) {
 	if err := ca.Pull(ctx, imgA.Ref, "--user", user("team-a")); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, ca, imgA)
+	peers.CheckPulled(t, ctx, ca, imgA)
 	if err := ca.Pull(ctx, imgB.Ref, "--user", user("team-a")); err == nil {
 		t.Fatal("team-a pulled team-b's image by tag with ctr")
 	}
@@ -55,7 +55,7 @@ func TestTenancyTokenAuth(t *testing.T) {
 	if err := cb.CrictlPullWith(ctx, imgB.Ref, "--creds", user("team-b")); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, cb, imgB)
+	peers.CheckPulled(t, ctx, cb, imgB)
 	if err := cb.CrictlPullWith(ctx, imgA.Ref, "--creds", user("team-b")); err == nil {
 		t.Fatal("team-b pulled team-a's image by tag with crictl")
 	}
@@ -64,7 +64,7 @@ func TestTenancyTokenAuth(t *testing.T) {
 	if err := cn.Pull(ctx, imgP.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, cn, imgP)
+	peers.CheckPulled(t, ctx, cn, imgP)
 	if err := cn.CrictlPull(ctx, imgP.Ref); err != nil {
 		t.Fatal(err)
 	}
@@ -154,7 +154,7 @@ func TestTenancyTokenAuth(t *testing.T) {
 	if err := fresh.Pull(ctx, big.Ref, "--user", user("team-a")); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, fresh, big)
+	peers.CheckPulled(t, ctx, fresh, big)
 	heads, gets, other := 0, 0, 0
 	for _, r := range origin.Requests()[before:] {
 		switch r.Method {

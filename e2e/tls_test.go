@@ -80,7 +80,7 @@ func TestTLSCacheWithRotation(t *testing.T) {
 	if err := a.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, a, img)
+	peers.CheckPulled(t, ctx, a, img)
 	viaCache := node.Metric(t, "cove_node_requests_total", `served_by="cache"`)
 	if viaCache == 0 {
 		t.Fatal("nothing was served by the cache over TLS")
@@ -119,7 +119,7 @@ func TestTLSCacheWithRotation(t *testing.T) {
 	if err := a.Pull(ctx, img2.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, a, img2)
+	peers.CheckPulled(t, ctx, a, img2)
 	if n := node.Metric(t, "cove_node_requests_total", `served_by="cache"`); n <= viaCache {
 		t.Fatalf("second pull: served by cache %v, was %v", n, viaCache)
 	}
@@ -131,7 +131,7 @@ func TestTLSCacheWithRotation(t *testing.T) {
 	if err := b.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, b, img)
+	peers.CheckPulled(t, ctx, b, img)
 	if n := fresh.Metric(t, "cove_node_requests_total", `served_by="cache"`); n == 0 {
 		t.Fatal("fresh node: nothing served by the cache with the rotated certificate")
 	}
@@ -156,7 +156,7 @@ func TestTLSCacheWithRotation(t *testing.T) {
 	if err := c.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, c, img)
+	peers.CheckPulled(t, ctx, c, img)
 	if n := wrong.Metric(t, "cove_node_requests_total", `served_by="cache"`); n != 0 {
 		t.Fatalf("a node with the wrong CA was served %v requests by the cache", n)
 	}

@@ -255,7 +255,7 @@ func TestInstallPullsThroughCoveNode(t *testing.T) {
 	if err := ctd.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkImage(t, ctx, ctd, img)
+	peers.CheckPulled(t, ctx, ctd, img)
 	afterCtr := node.Metric(t, "cove_node_requests_total", `served_by="cache"`)
 	if afterCtr == 0 {
 		t.Fatalf("ctr pull did not go through cove-node to the cache")
@@ -263,22 +263,7 @@ func TestInstallPullsThroughCoveNode(t *testing.T) {
 
 	// crictl: CRI, reading config_path from the drop-in. Remove the image and its
 	// content first so every blob is fetched again.
-	if err := ctd.RemoveImage(ctx, img.Ref); err != nil {
-		t.Fatal(err)
-	}
-	left, err := ctd.ContentDigests(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range img.Layers {
-		if slices.Contains(left, d) {
-			t.Fatalf("layer %s still in the content store after ctr images rm --sync", d)
-		}
-	}
-	if err := ctd.CrictlPull(ctx, img.Ref); err != nil {
-		t.Fatal(err)
-	}
-	checkImage(t, ctx, ctd, img)
+	crictlPullAfresh(t, ctx, ctd, img)
 	afterCRI := node.Metric(t, "cove_node_requests_total", `served_by="cache"`)
 	if afterCRI <= afterCtr {
 		t.Fatalf("crictl pull did not go through cove-node (cache-served requests %v before, %v after): CRI does not read the drop-in's config_path\n%s",
@@ -302,18 +287,26 @@ func TestInstallPullsThroughCoveNode(t *testing.T) {
 	sameTree(t, "uninstall", before, snapshot(t, root))
 }
 
-func checkImage(t *testing.T, ctx context.Context, c *peers.Containerd, img peers.Image) {
+// crictlPullAfresh removes img and its content from ctd, then pulls it again with crictl
+// (CRI, which reads the registry config_path of the installed drop-in) and checks it.
+func crictlPullAfresh(t *testing.T, ctx context.Context, ctd *peers.Containerd, img peers.Image) {
 	t.Helper()
-	got, err := c.ImageTarget(ctx, img.Ref)
+	if err := ctd.RemoveImage(ctx, img.Ref); err != nil {
+		t.Fatal(err)
+	}
+	left, err := ctd.ContentDigests(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got != img.Digest {
-		t.Fatalf("containerd has %s for %s, want %s", got, img.Ref, img.Digest)
+	for _, d := range img.Layers {
+		if slices.Contains(left, d) {
+			t.Fatalf("layer %s still in the content store after ctr images rm --sync", d)
+		}
 	}
-	if err := c.ReadAllContent(ctx, img.Ref); err != nil {
+	if err := ctd.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
+	peers.CheckPulled(t, ctx, ctd, img)
 }
 
 // A version-2 root config (containerd 1.7's layout, still read by 2.x) gets a version-2
@@ -342,7 +335,7 @@ func TestInstallVersion2Config(t *testing.T) {
 	if err := ctd.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkImage(t, ctx, ctd, img)
+	peers.CheckPulled(t, ctx, ctd, img)
 	if n := node.Metric(t, "cove_node_requests_total", `served_by="cache"`); n == 0 {
 		t.Fatalf("crictl pull did not go through cove-node: CRI did not get config_path from the version-2 drop-in\n%s", ctd.Log())
 	}
@@ -777,7 +770,7 @@ func TestInstallContentHook(t *testing.T) {
 	if err := ctd.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkImage(t, ctx, ctd, img)
+	peers.CheckPulled(t, ctx, ctd, img)
 	checkContentRoot(t, contentRoot, img)
 	afterCtr := node.Metric(t, "cove_node_requests_total")
 	if afterCtr == 0 {
@@ -790,22 +783,7 @@ func TestInstallContentHook(t *testing.T) {
 	}
 
 	// crictl: CRI, config_path from the same drop-in.
-	if err := ctd.RemoveImage(ctx, img.Ref); err != nil {
-		t.Fatal(err)
-	}
-	left, err := ctd.ContentDigests(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range img.Layers {
-		if slices.Contains(left, d) {
-			t.Fatalf("layer %s still in the content store after ctr images rm --sync", d)
-		}
-	}
-	if err := ctd.CrictlPull(ctx, img.Ref); err != nil {
-		t.Fatal(err)
-	}
-	checkImage(t, ctx, ctd, img)
+	crictlPullAfresh(t, ctx, ctd, img)
 	checkContentRoot(t, contentRoot, img)
 	afterCRI := node.Metric(t, "cove_node_requests_total")
 	if afterCRI <= afterCtr || afterCRI-afterCtr > 2 {

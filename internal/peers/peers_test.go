@@ -18,22 +18,6 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// checkPulled asserts containerd recorded img's manifest as the target and that every
-// blob reads back intact.
-func checkPulled(t *testing.T, ctx context.Context, c *Containerd, img Image) {
-	t.Helper()
-	got, err := c.ImageTarget(ctx, img.Ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got != img.Digest {
-		t.Fatalf("target of %s = %s, pushed %s", img.Ref, got, img.Digest)
-	}
-	if err := c.ReadAllContent(ctx, img.Ref); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // Both pull paths (ctr through the transfer service, crictl through CRI) fetch a
 // 3-layer image from a plain-HTTP origin on 127.0.0.1, and the origin's log shows it.
 func TestPullWithCtrAndCrictl(t *testing.T) {
@@ -50,14 +34,14 @@ func TestPullWithCtrAndCrictl(t *testing.T) {
 	if err := a.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, a, img)
+	CheckPulled(t, ctx, a, img)
 	afterA := origin.BlobGETs()
 
 	b := StartContainerd(t)
 	if err := b.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, b, img)
+	CheckPulled(t, ctx, b, img)
 	afterB := origin.BlobGETs()
 
 	for _, l := range append([]string{img.Config}, img.Layers...) {
@@ -93,7 +77,7 @@ func TestProxyRegistryAsMirror(t *testing.T) {
 	if err := c.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, c, img)
+	CheckPulled(t, ctx, c, img)
 
 	viaProxy := proxy.BlobGETs()
 	after := origin.BlobGETs()
@@ -124,7 +108,7 @@ func TestProxyRegistryAsMirror(t *testing.T) {
 	if err := d.CrictlPull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, d, img)
+	CheckPulled(t, ctx, d, img)
 }
 
 // concurrent_layer_fetch_buffer makes containerd fetch one layer as several ranged
@@ -158,7 +142,7 @@ func TestConcurrentLayerFetchBuffer(t *testing.T) {
 	if err := plain.Pull(ctx, img.Ref); err != nil {
 		t.Fatal(err)
 	}
-	checkPulled(t, ctx, plain, img)
+	CheckPulled(t, ctx, plain, img)
 	if gets, partial, _ := count(mark); gets != 1 || partial != 0 {
 		t.Errorf("default config: %d GETs (%d partial) of the layer, want one full GET", gets, partial)
 	}
@@ -178,7 +162,7 @@ func TestConcurrentLayerFetchBuffer(t *testing.T) {
 		if err := pull(ctx, img.Ref); err != nil {
 			t.Fatal(err)
 		}
-		checkPulled(t, ctx, c, img)
+		CheckPulled(t, ctx, c, img)
 		gets, partial, bytes := count(mark)
 		t.Logf("%s with concurrent_layer_fetch_buffer=%d: %d GETs of a %d-byte layer, %d answered 206, %d bytes sent",
 			path, chunk, gets, img.Size, partial, bytes)

@@ -138,16 +138,7 @@ func startHooked(t testing.TB, root string) hooked {
 // its layers were unpacked (one committed overlayfs snapshot per layer).
 func checkPulled(t *testing.T, ctx context.Context, c *peers.Containerd, img peers.Image) {
 	t.Helper()
-	got, err := c.ImageTarget(ctx, img.Ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got != img.Digest {
-		t.Fatalf("target of %s = %s, pushed %s", img.Ref, got, img.Digest)
-	}
-	if err := c.ReadAllContent(ctx, img.Ref); err != nil {
-		t.Fatal(err)
-	}
+	peers.CheckPulled(t, ctx, c, img)
 	snaps := committedSnapshots(t, ctx, c)
 	if snaps < len(img.Layers) {
 		t.Fatalf("%d committed snapshots, want at least %d (one per layer of %s)", snaps, len(img.Layers), img.Ref)
