@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"context"
 	"fmt"
 	"regexp"
 	"testing"
@@ -34,8 +33,8 @@ func BenchmarkWarmAuthorizedPull(b *testing.B) {
 	cove := peers.StartCove(b, "", "--origin-plain-http", authOrigin.Addr, "--origin-plain-http", openOrigin.Addr)
 	asTeamA := []string{"--user", "team-a:" + pw["team-a"]}
 
-	authPull := func() time.Duration { return pullFreshAs(b, ctx, cove.URL, authImg, asTeamA...) }
-	openPull := func() time.Duration { return pullFreshAs(b, ctx, cove.URL, openImg) }
+	authPull := func() time.Duration { return pullFresh(b, ctx, cove.URL, authImg, asTeamA...) }
+	openPull := func() time.Duration { return pullFresh(b, ctx, cove.URL, openImg) }
 
 	// Untimed: the pulls that fill the cache, and one warm-up pull of each side.
 	authPull()
@@ -107,22 +106,6 @@ func BenchmarkWarmAuthorizedPull(b *testing.B) {
 	b.ReportMetric(mo.Seconds(), "noauth-s")
 	b.ReportMetric(float64(len(authReqs))/float64(authRuns), "auth-origin-reqs/pull")
 	b.ReportMetric(float64(len(openReqs))/float64(authRuns), "noauth-origin-reqs/pull")
-}
-
-// pullFreshAs is pullFresh with extra `ctr image pull` arguments (for example
-// "--user", "USER:PASSWORD").
-func pullFreshAs(b testing.TB, ctx context.Context, mirror string, img peers.Image, extraArgs ...string) time.Duration {
-	b.Helper()
-	c := newNode(b, mirror)
-	defer dropNode(c)
-	quiesce()
-	start := time.Now()
-	if err := c.Pull(ctx, img.Ref, extraArgs...); err != nil {
-		b.Fatal(err)
-	}
-	d := time.Since(start)
-	checkTarget(b, ctx, c, img)
-	return d
 }
 
 var (

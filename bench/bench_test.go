@@ -229,7 +229,7 @@ func BenchmarkServeCachedBlob(b *testing.B) {
 		}
 		return out
 	}
-	tc, td := medianF(tput(viaCove)), medianF(tput(direct))
+	tc, td := median(tput(viaCove)), median(tput(direct))
 	ratio := tc / td
 	b.Logf("cached-blob throughput ratio cove/registry = %.2f (target >= 1.0, %s): cove %.0f MiB/s registry %.0f MiB/s (median of %d GETs of a %d MiB blob)",
 		ratio, verdict(ratio >= 1.0), tc, td, gets, bigBlobMiB)

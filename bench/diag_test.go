@@ -25,19 +25,33 @@ import (
 	"github.com/cove-oci/cove/internal/peers"
 )
 
+// diagOnly skips a diagnostic unless COVE_BENCH_DIAG is set.
+func diagOnly(t *testing.T) {
+	t.Helper()
+	if os.Getenv("COVE_BENCH_DIAG") == "" {
+		t.Skip("diagnostic: set COVE_BENCH_DIAG=1")
+	}
+}
+
+// diagRepo holds the large blob of the blob diagnostics.
+const diagRepo = "team/blobs"
+
+// diagBigBlobOrigin starts an origin holding a large blob (bigBlobMiB) in diagRepo.
+func diagBigBlobOrigin(t *testing.T) (origin *peers.Registry, big string, size int64) {
+	t.Helper()
+	origin = peers.StartRegistry(t)
+	size = int64(bigBlobMiB) * mib
+	return origin, pushBlob(t, origin.URL, diagRepo, size, 1), size
+}
+
 // TestDiagColdFill: cold fills of the large blob through cove-cache (a new process over
 // empty storage each round), read to the end by this process, against the origin's own
 // GET, with cove-cache's CPU time during the fill and the time its commit (fsync,
 // rename) takes after the last byte.
 func TestDiagColdFill(t *testing.T) {
-	if os.Getenv("COVE_BENCH_DIAG") == "" {
-		t.Skip("diagnostic: set COVE_BENCH_DIAG=1")
-	}
-	const repo = "team/blobs"
-	origin := peers.StartRegistry(t)
-	size := int64(bigBlobMiB) * mib
-	big := pushBlob(t, origin.URL, repo, size, 1)
-	originBig := blobURL(origin.URL, repo, big, "")
+	diagOnly(t)
+	origin, big, size := diagBigBlobOrigin(t)
+	originBig := blobURL(origin.URL, diagRepo, big, "")
 	getBlob(t, originBig, size)
 	for i := range runs {
 		dir := t.TempDir()
@@ -45,7 +59,7 @@ func TestDiagColdFill(t *testing.T) {
 		quiesce()
 		stopPerf := perfRecord(t, fmt.Sprintf("fill-%d", i), cove.Pid())
 		c0 := cpuTime(cove.Pid())
-		fill := getBlob(t, blobURL(cove.URL, repo, big, origin.Addr), size)
+		fill := getBlob(t, blobURL(cove.URL, diagRepo, big, origin.Addr), size)
 		fillDone := time.Now()
 		fillCPU := cpuTime(cove.Pid()) - c0
 		stopPerf()
@@ -108,9 +122,7 @@ func pidByArg(arg string) int {
 // origin and containerd during a pull through an empty cove-cache and one straight from
 // the origin, alternating, with the whole machine's busy time (other work included).
 func TestDiagColdPullCPU(t *testing.T) {
-	if os.Getenv("COVE_BENCH_DIAG") == "" {
-		t.Skip("diagnostic: set COVE_BENCH_DIAG=1")
-	}
+	diagOnly(t)
 	ctx := benchCtx(t)
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", layers, int64(layerMiB)*mib)
@@ -184,9 +196,7 @@ func perfRecord(t testing.TB, name string, pids ...int) func() {
 // through an empty cove-cache (its debug request log): it shows whether the extra time
 // is in fetching or in unpacking.
 func TestDiagColdPullTimeline(t *testing.T) {
-	if os.Getenv("COVE_BENCH_DIAG") == "" {
-		t.Skip("diagnostic: set COVE_BENCH_DIAG=1")
-	}
+	diagOnly(t)
 	ctx := benchCtx(t)
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", layers, int64(layerMiB)*mib)
@@ -243,15 +253,10 @@ var (
 // TestDiagServe: GETs of the cached large blob from cove-cache and from the registry,
 // alternating, with the CPU time of the server and of this client.
 func TestDiagServe(t *testing.T) {
-	if os.Getenv("COVE_BENCH_DIAG") == "" {
-		t.Skip("diagnostic: set COVE_BENCH_DIAG=1")
-	}
-	const repo = "team/blobs"
-	origin := peers.StartRegistry(t)
-	size := int64(bigBlobMiB) * mib
-	big := pushBlob(t, origin.URL, repo, size, 1)
+	diagOnly(t)
+	origin, big, size := diagBigBlobOrigin(t)
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr)
-	coveURL, originURL := blobURL(cove.URL, repo, big, origin.Addr), blobURL(origin.URL, repo, big, "")
+	coveURL, originURL := blobURL(cove.URL, diagRepo, big, origin.Addr), blobURL(origin.URL, diagRepo, big, "")
 	getBlob(t, coveURL, size)
 	waitFills(t, cove)
 	opid, self := registryPid(origin), os.Getpid()

@@ -57,21 +57,9 @@ func benchCtx(b testing.TB) context.Context {
 
 func allBlobs(img peers.Image) []string { return append([]string{img.Config}, img.Layers...) }
 
-func median(ds []time.Duration) time.Duration {
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	n := len(s)
-	if n == 0 {
-		return 0
-	}
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
-}
-
-func medianF(fs []float64) float64 {
-	s := slices.Clone(fs)
+// median of durations or ratios (0 for none), leaving xs in its order.
+func median[T time.Duration | float64](xs []T) T {
+	s := slices.Clone(xs)
 	slices.Sort(s)
 	n := len(s)
 	if n == 0 {
@@ -127,15 +115,23 @@ func dropNode(c *peers.Containerd) {
 	_ = os.RemoveAll(c.Root)
 }
 
-// pullFresh pulls img (fetch and unpack, `ctr image pull`) with a fresh containerd and
-// returns the wall time of the pull alone: starting and stopping containerd is not timed.
-func pullFresh(b testing.TB, ctx context.Context, mirror string, img peers.Image) time.Duration {
+// pullFresh pulls img (fetch and unpack, `ctr image pull` with extraArgs, such as
+// --user) with a fresh containerd and returns the wall time of the pull alone: starting
+// and stopping containerd is not timed.
+func pullFresh(b testing.TB, ctx context.Context, mirror string, img peers.Image, extraArgs ...string) time.Duration {
 	b.Helper()
 	c := newNode(b, mirror)
 	defer dropNode(c)
+	return timedPull(b, ctx, c, img, extraArgs...)
+}
+
+// timedPull flushes dirty pages, pulls img with c, checks what c recorded, and returns the
+// wall time of the pull alone.
+func timedPull(b testing.TB, ctx context.Context, c *peers.Containerd, img peers.Image, extraArgs ...string) time.Duration {
+	b.Helper()
 	quiesce()
 	start := time.Now()
-	if err := c.Pull(ctx, img.Ref); err != nil {
+	if err := c.Pull(ctx, img.Ref, extraArgs...); err != nil {
 		b.Fatal(err)
 	}
 	d := time.Since(start)

@@ -19,14 +19,7 @@ func hookedPull(b *testing.B, ctx context.Context, cache, origin string, img pee
 	defer node.Stop()
 	c := peers.StartContainerdWith(b, setup, peers.WithMirror(node.URL))
 	defer dropNode(c)
-	quiesce()
-	start := time.Now()
-	if err := c.Pull(ctx, img.Ref); err != nil {
-		b.Fatal(err)
-	}
-	d := time.Since(start)
-	checkTarget(b, ctx, c, img)
-	return d
+	return timedPull(b, ctx, c, img)
 }
 
 // BenchmarkContentHookPull: a 512 MiB, 4-layer pull on a fresh node with cove-node's
