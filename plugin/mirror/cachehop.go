@@ -17,80 +17,73 @@ type result struct {
 	err  error
 }
 
+// gone is roundTrip's why when the caller's context ended first.
+const gone = "gone"
+
 // tryCache sends the request to one cove-cache. done is true when the client has been
 // answered (or has gone); otherwise nothing was written and why says what failed.
 func (h *Handler) tryCache(w http.ResponseWriter, r *http.Request, req *route.Request, ep *cacheEndpoint) (done bool, why string) {
-	ctx, cancel := context.WithCancelCause(r.Context())
 	u := ep.base + r.URL.EscapedPath()
 	if r.URL.RawQuery != "" {
 		u += "?" + r.URL.RawQuery
 	}
-	creq, err := http.NewRequestWithContext(ctx, r.Method, u, nil)
+	header := httpx.OriginRequestHeaders(r.Header)
+	if rg := r.Header.Get("Range"); rg != "" {
+		header.Set("Range", rg)
+	}
+	resp, ctx, cancel, why := h.roundTrip(r.Context(), ep, r.Method, u, header, r.URL.Path)
+	switch why {
+	case "":
+	case gone:
+		return true, ""
+	default:
+		return false, why
+	}
+	h.streamFromCache(w, r, req, ep, resp, ctx, cancel)
+	return true, ""
+}
+
+// roundTrip sends one request to ep and waits for its response headers within the
+// bounds every request to cove-cache gets (awaitHeaders), on a context derived from
+// parent. On success (why == "") the caller owns resp, whose status is below 500, and
+// must call cancel once done with its body. Otherwise why is "request", "headers",
+// "slow-origin", "connect" or "status" (the failures the breaker counts are counted),
+// or gone when parent ended first.
+func (h *Handler) roundTrip(parent context.Context, ep *cacheEndpoint, method, u string, header http.Header, path string) (resp *http.Response, ctx context.Context, cancel context.CancelCauseFunc, why string) {
+	ctx, cancel = context.WithCancelCause(parent)
+	creq, err := http.NewRequestWithContext(ctx, method, u, nil)
 	if err != nil {
 		cancel(err)
-		return false, "request"
+		return nil, nil, nil, "request"
 	}
-	creq.Header = httpx.OriginRequestHeaders(r.Header)
-	if rg := r.Header.Get("Range"); rg != "" {
-		creq.Header.Set("Range", rg)
-	}
-	resCh := make(chan result, 1)
+	creq.Header = header
+	var res result
+	ready := make(chan struct{})
 	go func() {
-		resp, err := ep.client.Do(creq)
-		resCh <- result{resp, err}
+		res.resp, res.err = ep.client.Do(creq)
+		close(ready)
 	}()
-	// The request may be abandoned below; whatever answer still arrives is closed.
-	abandon := func(cause error) {
-		cancel(cause)
+	if why := h.awaitHeaders(parent, ep, ready, path); why != "" {
+		// Abandoned: whatever answer still arrives is closed.
+		cancel(errors.New("cove-cache answer abandoned: " + why))
 		go func() {
-			if res := <-resCh; res.resp != nil {
+			<-ready
+			if res.resp != nil {
 				res.resp.Body.Close()
 			}
 		}()
-	}
-
-	timer := time.NewTimer(h.cfg.ProbeAfter)
-	defer timer.Stop()
-	slowDeadline := time.Now().Add(h.cfg.SlowOriginTimeout)
-	var res result
-wait:
-	for {
-		select {
-		case res = <-resCh:
-			break wait
-		case <-timer.C:
-			if !h.probe(r.Context(), ep) {
-				abandon(errors.New("cove-cache hung"))
-				ep.breaker.Failure()
-				h.log.Warn("cove-cache sent no headers and fails its health probe: falling back", "cache", ep.base, "path", r.URL.Path)
-				return false, "headers"
-			}
-			select { // the answer may have come during the probe
-			case res = <-resCh:
-				break wait
-			default:
-			}
-			if time.Now().After(slowDeadline) {
-				abandon(errors.New("origin too slow"))
-				h.log.Warn("cove-cache healthy but the origin behind it too slow: falling back", "cache", ep.base, "path", r.URL.Path)
-				return false, "slow-origin"
-			}
-			timer.Reset(h.cfg.HeaderTimeout)
-		case <-r.Context().Done():
-			abandon(r.Context().Err())
-			return true, ""
-		}
+		return nil, nil, nil, why
 	}
 	if res.err != nil {
 		cancel(res.err)
-		if r.Context().Err() != nil {
-			return true, ""
+		if parent.Err() != nil {
+			return nil, nil, nil, gone
 		}
 		ep.breaker.Failure()
 		h.log.Warn("cove-cache unreachable: falling back", "cache", ep.base, "error", res.err)
-		return false, "connect"
+		return nil, nil, nil, "connect"
 	}
-	resp := res.resp
+	resp = res.resp
 	if resp.StatusCode >= 500 {
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 		resp.Body.Close()
@@ -100,11 +93,46 @@ wait:
 		if resp.StatusCode != http.StatusBadGateway {
 			ep.breaker.Failure()
 		}
-		return false, "status"
+		return nil, nil, nil, "status"
 	}
 	ep.breaker.Success()
-	h.streamFromCache(w, r, req, ep, resp, ctx, cancel)
-	return true, ""
+	return resp, ctx, cancel, ""
+}
+
+// awaitHeaders waits until ready is closed, as long as a request to cove-cache may wait
+// for its response headers: the first health probe of ep after ProbeAfter, then one
+// every HeaderTimeout. A failed probe ends the wait ("headers", and the breaker counts
+// a failure): the cache is dead or hung. A healthy cache is waited on, a cold fill
+// behind a slow origin, up to SlowOriginTimeout ("slow-origin"). It returns "" when
+// ready closed, gone when ctx ended.
+func (h *Handler) awaitHeaders(ctx context.Context, ep *cacheEndpoint, ready <-chan struct{}, path string) (why string) {
+	timer := time.NewTimer(h.cfg.ProbeAfter)
+	defer timer.Stop()
+	slowDeadline := time.Now().Add(h.cfg.SlowOriginTimeout)
+	for {
+		select {
+		case <-ready:
+			return ""
+		case <-timer.C:
+			if !h.probe(ctx, ep) {
+				ep.breaker.Failure()
+				h.log.Warn("cove-cache sent no headers and fails its health probe: falling back", "cache", ep.base, "path", path)
+				return "headers"
+			}
+			select { // the answer may have come during the probe
+			case <-ready:
+				return ""
+			default:
+			}
+			if time.Now().After(slowDeadline) {
+				h.log.Warn("cove-cache healthy but the origin behind it too slow: falling back", "cache", ep.base, "path", path)
+				return "slow-origin"
+			}
+			timer.Reset(h.cfg.HeaderTimeout)
+		case <-ctx.Done():
+			return gone
+		}
+	}
 }
 
 func (h *Handler) probe(ctx context.Context, ep *cacheEndpoint) bool {
