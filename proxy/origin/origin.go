@@ -106,6 +106,7 @@ func New(opts ...Option) *Client {
 			c.http.Transport = policyTransport(p)
 		}
 	}
+	c.http.Transport = locationCheck{next: c.http.Transport}
 	return c
 }
 
@@ -146,7 +147,8 @@ func (c *Client) Do(ctx context.Context, method, registry, path string, query ur
 func (c *Client) Get(ctx context.Context, rawURL string, header http.Header) (*http.Response, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil {
-		return nil, fmt.Errorf("origin URL %q: want an absolute http or https URL without user information", rawURL)
+		// The URL came from the origin: quoted redacted, like every URL in an error.
+		return nil, fmt.Errorf("origin URL %q: want an absolute http or https URL without user information", redactURL(rawURL))
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
@@ -164,7 +166,8 @@ func (c *Client) Get(ctx context.Context, rawURL string, header http.Header) (*h
 }
 
 // send runs one request to host (the registry, or another server an origin named) under
-// the policy, counting it for the observer.
+// the policy, counting it for the observer. Its error never names a URL's query or user
+// information (see redactError).
 func (c *Client) send(req *http.Request, registry string) (*http.Response, error) {
 	var resp *http.Response
 	var err error
@@ -172,6 +175,7 @@ func (c *Client) send(req *http.Request, registry string) (*http.Response, error
 		err = rerr
 	} else {
 		resp, err = c.http.Do(req)
+		err = redactError(err)
 	}
 	if refused := (*RefusedError)(nil); errors.As(err, &refused) {
 		// Nothing was fetched: answer as a registry refusing the request would, so every
@@ -189,7 +193,7 @@ func (c *Client) send(req *http.Request, registry string) (*http.Response, error
 		c.observe(registry, status, err)
 	}
 	if err != nil {
-		// The url.Error names the URL, which holds no credentials (they travel in headers).
+		// The error names no URL query or user information (redactError).
 		return nil, err
 	}
 	return resp, nil
