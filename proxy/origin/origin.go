@@ -107,6 +107,7 @@ func New(opts ...Option) *Client {
 		}
 	}
 	c.http.Transport = locationCheck{next: c.http.Transport}
+	c.http.CheckRedirect = c.checkRedirect
 	return c
 }
 
@@ -174,7 +175,7 @@ func (c *Client) send(req *http.Request, registry string) (*http.Response, error
 	if rerr := c.policy.deniedName(registry); rerr != nil {
 		err = rerr
 	} else {
-		resp, err = c.http.Do(req)
+		resp, err = c.http.Do(withRegistry(req, registry))
 		err = redactError(err)
 	}
 	if refused := (*RefusedError)(nil); errors.As(err, &refused) {
@@ -193,7 +194,7 @@ func (c *Client) send(req *http.Request, registry string) (*http.Response, error
 		c.observe(registry, status, err)
 	}
 	if err != nil {
-		// The error names no URL query or user information (redactError).
+		// A response returned with an error (a refused redirect) has its body closed.
 		return nil, err
 	}
 	return resp, nil

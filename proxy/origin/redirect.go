@@ -1,19 +1,75 @@
 package origin
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/url"
+	"strings"
 )
 
 // Registries answer blob reads with a redirect to object storage or a CDN, and the URL they
 // name is often presigned: its query string (X-Amz-Signature, a SAS token, verify=...) is a
 // credential for that object. net/http quotes the URL of the failing hop in every error it
-// returns, so errors are scrubbed here.
+// returns, and copies the previous hop's URL into Referer, so both are scrubbed here.
+
+// maxRedirects is net/http's own default limit, kept now that the client has a CheckRedirect.
+const maxRedirects = 10
+
+// ErrRedirectDowngrade is the error of a redirect from https to plain http, refused unless
+// the registry itself is reached over plain HTTP (WithPlainHTTP).
+var ErrRedirectDowngrade = errors.New("origin redirect from https to plain http refused")
 
 // errBadLocation replaces net/http's error for a redirect whose Location does not parse:
 // that error quotes the whole header, query included.
 var errBadLocation = errors.New("origin answered a redirect with an unparsable Location header")
+
+// sensitiveHeaders carry the client's credentials for one registry: never sent to another
+// host:port. (The list is net/http's own for redirects; it keeps them for subdomains and
+// for another port on the same host, which are different servers as far as a credential is
+// concerned.)
+var sensitiveHeaders = []string{"Authorization", "Cookie", "Cookie2", "Proxy-Authorization", "Www-Authenticate"}
+
+// registryKey carries the registry a request was sent for (send's argument) to checkRedirect.
+type registryKey struct{}
+
+func withRegistry(req *http.Request, registry string) *http.Request {
+	return req.WithContext(context.WithValue(req.Context(), registryKey{}, registry))
+}
+
+// checkRedirect is the client's CheckRedirect; req's headers are already copied from the
+// first request by net/http.
+func (c *Client) checkRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) >= maxRedirects {
+		return fmt.Errorf("stopped after %d redirects", maxRedirects)
+	}
+	prev := via[len(via)-1]
+	registry, _ := req.Context().Value(registryKey{}).(string)
+	if prev.URL.Scheme == "https" && req.URL.Scheme != "https" && !c.plainHTTP[registry] {
+		// A plain-HTTP hop can be read and rewritten on the way: the blob would still be
+		// verified by digest, but a token or presigned URL in it would not be private.
+		return fmt.Errorf("%w (%s to %s)", ErrRedirectDowngrade, hostPort(prev.URL), hostPort(req.URL))
+	}
+	// net/http sets Referer to the previous hop's URL, presigned query included; no
+	// registry or storage needs it.
+	req.Header.Del("Referer")
+	// Once the chain has left the first request's host:port, credentials stay behind, even
+	// if a later hop comes back: that host chose where the chain goes next.
+	first := hostPort(via[0].URL)
+	for _, r := range append(via[1:len(via):len(via)], req) {
+		if hostPort(r.URL) != first {
+			for _, h := range sensitiveHeaders {
+				req.Header.Del(h)
+			}
+			break
+		}
+	}
+	return nil
+}
+
+// hostPort is u's lower-case host and port, the scheme's default port if none is given.
+func hostPort(u *url.URL) string { return strings.ToLower(canonicalAddr(u)) }
 
 // locationCheck fails a redirect whose Location does not parse before net/http does, so the
 // error does not quote the header (see errBadLocation).
