@@ -176,10 +176,18 @@ func serve(args []string, stderr io.Writer) int {
 		return 2
 	}
 	store, err := filesystem.New(o.storageDir)
+	var locked *filesystem.LockedError
+	if errors.As(err, &locked) {
+		// Another cove-cache on this directory: starting would discard its fills in flight.
+		log.Error("storage directory in use by another process: give each cove-cache its own --storage-dir",
+			"dir", locked.Dir, "pid", locked.PID, "error", err)
+		return 1
+	}
 	if err != nil {
 		log.Error("opening storage failed", "dir", o.storageDir, "error", err)
 		return 1
 	}
+	defer store.Close()
 	authzTTL := o.authzTTL
 	if authzTTL == 0 {
 		authzTTL = -1 // Config's zero means the default; the flag's zero means never reuse

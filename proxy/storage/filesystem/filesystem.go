@@ -6,9 +6,14 @@
 //	<root>/blobs/<algorithm>/<encoded>  complete, verified blobs
 //	<root>/records/<key>                small metadata values
 //	<root>/tmp/                         files being written; emptied at start-up
+//	<root>/cove.lock                    locked by the process using the store (LockFile)
 //
 // Everything becomes visible by rename(2) after fsync, so a kill -9 at any moment leaves
 // either nothing or the whole, verified object; leftovers in tmp/ are removed by New.
+//
+// One process uses a directory at a time: New locks it before removing anything (and
+// cove-cache keeps its in-flight fills under it too), so a second process on the same
+// directory is refused instead of discarding the first one's writes in progress.
 package filesystem
 
 import (
@@ -29,6 +34,7 @@ import (
 // Driver is a storage.Driver over a local directory.
 type Driver struct {
 	root string
+	lock *os.File // holds the flock on LockFile until Close
 }
 
 var (
@@ -36,14 +42,27 @@ var (
 	_ storage.FileAdopter = (*Driver)(nil)
 )
 
-// New opens (creating if needed) a store under root and removes leftovers of writes that
-// a crash interrupted.
-func New(root string) (*Driver, error) {
+// New opens (creating if needed) a store under root, locks it for this Driver (a
+// *LockedError when another process or Driver has it), and removes leftovers of writes
+// that a crash interrupted. The lock is held until Close or the end of the process.
+func New(root string) (_ *Driver, err error) {
 	abs, err := filepath.Abs(root)
 	if err != nil {
 		return nil, err
 	}
-	d := &Driver{root: abs}
+	if err := os.MkdirAll(abs, 0o750); err != nil {
+		return nil, fmt.Errorf("create storage directory: %w", err)
+	}
+	lock, err := lockDir(abs)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			lock.Close()
+		}
+	}()
+	d := &Driver{root: abs, lock: lock}
 	if err := os.RemoveAll(d.tmpDir()); err != nil {
 		return nil, fmt.Errorf("clean %s: %w", d.tmpDir(), err)
 	}
@@ -53,6 +72,17 @@ func New(root string) (*Driver, error) {
 		}
 	}
 	return d, nil
+}
+
+// Close releases the directory lock: another Driver or process may then open the
+// directory, discarding any write of d's still in progress. Use d no more.
+func (d *Driver) Close() error {
+	if d.lock == nil {
+		return nil
+	}
+	err := d.lock.Close()
+	d.lock = nil
+	return err
 }
 
 // Root is the directory the store lives in.

@@ -37,7 +37,9 @@ func TestNewCleansLeftovers(t *testing.T) {
 	if err := d.Put(context.Background(), dgst, 100, bytes.NewReader(data)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(root); err != nil {
+	d.Close() // the process ends
+	d, err = New(root)
+	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(leftover); !os.IsNotExist(err) {
