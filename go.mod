@@ -3,6 +3,7 @@ module github.com/cove-oci/cove
 go 1.26.8
 
 require (
+	code.dny.dev/ssrf v0.3.0
 	github.com/containerd/containerd/api v1.11.1
 	github.com/containerd/containerd/v2 v2.3.4
 	github.com/containerd/errdefs v1.0.0

@@ -14,20 +14,6 @@ import (
 	"time"
 )
 
-// Reasons an origin is refused: the values of cove_origin_refused_total's reason label.
-// The set is fixed, so the label stays bounded whatever clients send.
-const (
-	ReasonDenied      = "denied"      // an --origin-deny rule matched
-	ReasonSelf        = "self"        // cove-cache's own listen address
-	ReasonLoopback    = "loopback"    // 127.0.0.0/8, ::1
-	ReasonPrivate     = "private"     // RFC 1918, 100.64.0.0/10, fc00::/7, fec0::/10
-	ReasonLinkLocal   = "link-local"  // 169.254.0.0/16, fe80::/10
-	ReasonMetadata    = "metadata"    // cloud instance metadata endpoints
-	ReasonUnspecified = "unspecified" // 0.0.0.0/8, ::
-	ReasonMulticast   = "multicast"   // 224.0.0.0/4, ff00::/8, broadcast
-	ReasonReserved    = "reserved"    // 240.0.0.0/4, 198.18.0.0/15, 192.0.0.0/24, 100::/64
-)
-
 // RefusedError is the error of a dial the origin policy refused. Host is the host name
 // the request named (a redirect's, for a redirect); Addr is the refused address.
 type RefusedError struct {
@@ -312,68 +298,6 @@ func (p *Policy) check(host, port string, a netip.Addr) string {
 		}
 	}
 	return Classify(a)
-}
-
-var (
-	metadataAddrs = []netip.Addr{
-		netip.MustParseAddr("169.254.169.254"), // AWS, GCP, Azure, OpenStack, ...
-		netip.MustParseAddr("169.254.170.2"),   // AWS ECS task metadata
-		netip.MustParseAddr("100.100.100.200"), // Alibaba Cloud
-		netip.MustParseAddr("fd00:ec2::254"),   // AWS over IPv6
-	}
-	privatePrefixes = []netip.Prefix{
-		netip.MustParsePrefix("10.0.0.0/8"),
-		netip.MustParsePrefix("172.16.0.0/12"),
-		netip.MustParsePrefix("192.168.0.0/16"),
-		netip.MustParsePrefix("100.64.0.0/10"), // CGNAT
-		netip.MustParsePrefix("fc00::/7"),      // ULA
-		netip.MustParsePrefix("fec0::/10"),     // deprecated site-local
-	}
-	reservedPrefixes = []netip.Prefix{
-		netip.MustParsePrefix("240.0.0.0/4"),
-		netip.MustParsePrefix("198.18.0.0/15"),
-		netip.MustParsePrefix("192.0.0.0/24"),
-		netip.MustParsePrefix("100::/64"), // discard
-	}
-	nat64 = netip.MustParsePrefix("64:ff9b::/96")
-)
-
-// Classify returns the default refusal reason for an address, or "" for a public one.
-func Classify(a netip.Addr) string {
-	a = a.Unmap().WithZone("")
-	if nat64.Contains(a) {
-		// A NAT64 address reaches the IPv4 address it embeds.
-		b := a.As16()
-		return Classify(netip.AddrFrom4([4]byte{b[12], b[13], b[14], b[15]}))
-	}
-	for _, m := range metadataAddrs {
-		if a == m {
-			return ReasonMetadata
-		}
-	}
-	switch {
-	case !a.IsValid():
-		return ReasonUnspecified
-	case a.IsLoopback():
-		return ReasonLoopback
-	case a.IsUnspecified() || (a.Is4() && a.As4()[0] == 0):
-		return ReasonUnspecified
-	case a.IsLinkLocalUnicast():
-		return ReasonLinkLocal
-	case a.IsMulticast() || a.IsLinkLocalMulticast() || a.IsInterfaceLocalMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
-		return ReasonMulticast
-	}
-	for _, p := range privatePrefixes {
-		if p.Contains(a) {
-			return ReasonPrivate
-		}
-	}
-	for _, p := range reservedPrefixes {
-		if p.Contains(a) {
-			return ReasonReserved
-		}
-	}
-	return ""
 }
 
 // splitAddr splits a dial address into a lower-case host (no brackets, no zone) and port.
