@@ -283,21 +283,27 @@ func (p *Policy) check(host, port string, a netip.Addr) string {
 			return ReasonDenied
 		}
 	}
+	reason := Classify(a)
+	// An address literal with a port names the very address dialled; a host name does not
+	// (see nameCannotLift): only an address rule reaches metadata or link-local addresses.
+	nameLifts := func(r Pattern) bool {
+		return r.matchName(host, port) && (r.ip != "" || !nameCannotLift(reason))
+	}
 	if n, err := strconv.Atoi(port); err == nil && p.self[netip.AddrPortFrom(a, uint16(n))] {
 		// Only a rule naming this very host and port lets cove-cache call itself.
 		for _, r := range p.allow {
-			if r.port != "" && r.matchName(host, port) {
+			if r.port != "" && nameLifts(r) {
 				return ""
 			}
 		}
 		return ReasonSelf
 	}
 	for _, r := range p.allow {
-		if r.matchName(host, port) || r.matchAddr(a) {
+		if r.matchAddr(a) || nameLifts(r) {
 			return ""
 		}
 	}
-	return Classify(a)
+	return reason
 }
 
 // splitAddr splits a dial address into a lower-case host (no brackets, no zone) and port.

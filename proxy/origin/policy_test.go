@@ -351,3 +351,72 @@ func FuzzParsePattern(f *testing.F) {
 		}
 	})
 }
+
+// A host-name allow rule trusts a name, not the address its lookup answers: it lifts the
+// loopback and private refusals, never metadata or link-local. An address rule (a CIDR, an
+// address, or an address literal with a port) names the address itself and lifts them.
+func TestNameAllowDoesNotLiftMetadata(t *testing.T) {
+	p, err := NewPolicy(PolicyConfig{Allow: []string{"*.corp.example", "registry.local:5000"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct{ host, port, addr, want string }{
+		{"a.corp.example", "443", "10.1.2.3", ""},
+		{"a.corp.example", "443", "127.0.0.1", ""},
+		{"a.corp.example", "443", "fd12::1", ""},
+		{"a.corp.example", "443", "169.254.169.254", ReasonMetadata},
+		{"a.corp.example", "443", "::ffff:169.254.169.254", ReasonMetadata},
+		{"a.corp.example", "443", "64:ff9b::a9fe:a9fe", ReasonMetadata},
+		{"a.corp.example", "443", "2002:a9fe:a9fe::1", ReasonMetadata},
+		{"a.corp.example", "443", "fd00:ec2::254", ReasonMetadata},
+		{"a.corp.example", "443", "100.100.100.200", ReasonMetadata},
+		{"a.corp.example", "443", "169.254.10.1", ReasonLinkLocal},
+		{"a.corp.example", "443", "fe80::1", ReasonLinkLocal},
+		{"a.corp.example", "443", "64:ff9b:1::a9fe:101", ReasonLinkLocal},
+		{"registry.local", "5000", "169.254.169.254", ReasonMetadata}, // with a port, still a name
+	} {
+		if got := p.check(tt.host, tt.port, netip.MustParseAddr(tt.addr)); got != tt.want {
+			t.Errorf("name allow: check(%s:%s -> %s) = %q, want %q", tt.host, tt.port, tt.addr, got, tt.want)
+		}
+	}
+
+	p, err = NewPolicy(PolicyConfig{Allow: []string{"*.corp.example", "169.254.0.0/16", "fe80::/10", "169.254.170.2:80"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct{ host, port, addr, want string }{
+		{"a.corp.example", "443", "169.254.169.254", ""}, // the CIDR lifts it, whatever the name
+		{"x.example", "443", "169.254.10.1", ""},
+		{"x.example", "443", "fe80::1", ""},
+		{"169.254.170.2", "80", "169.254.170.2", ""}, // an address literal names the address
+		{"x.example", "443", "fd00:ec2::254", ReasonMetadata},
+	} {
+		if got := p.check(tt.host, tt.port, netip.MustParseAddr(tt.addr)); got != tt.want {
+			t.Errorf("address allow: check(%s:%s -> %s) = %q, want %q", tt.host, tt.port, tt.addr, got, tt.want)
+		}
+	}
+
+	// Through the client: a name under an allowed glob whose lookup answers the metadata
+	// address is refused, and nothing is dialled; --origin-plain-http does not lift it either.
+	c, refused := newPolicyClient(t, PolicyConfig{
+		Allow: []string{"*.corp.example"},
+		Resolve: resolver(map[string][]string{
+			"meta.corp.example":  {"169.254.169.254"},
+			"nat64.corp.example": {"64:ff9b::a9fe:a9fe"},
+			"link.corp.example":  {"fe80::1"},
+		}),
+	}, "meta.corp.example:80")
+	for _, reg := range []string{"meta.corp.example:80", "nat64.corp.example", "link.corp.example"} {
+		resp, err := c.Do(t.Context(), http.MethodGet, reg, "/v2/", nil, http.Header{}, nil)
+		wantDenied(t, resp, err, "169.254")
+	}
+	want := []refusal{{"meta.corp.example:80", ReasonMetadata}, {"nat64.corp.example", ReasonMetadata}, {"link.corp.example", ReasonLinkLocal}}
+	if len(*refused) != len(want) {
+		t.Fatalf("refusals %v, want %v", *refused, want)
+	}
+	for i := range want {
+		if (*refused)[i] != want[i] {
+			t.Fatalf("refusals %v, want %v", *refused, want)
+		}
+	}
+}
