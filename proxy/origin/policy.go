@@ -169,7 +169,8 @@ func globLabel(pat, s string) bool {
 
 // PolicyConfig is what a Policy is built from.
 type PolicyConfig struct {
-	// Allow lets these origins through the defaults (host globs or CIDRs).
+	// Allow lets these origins through the defaults (host globs or CIDRs); a host glob
+	// never lifts the metadata and link-local refusals, which only an address rule does.
 	Allow []string
 	// Deny refuses these origins, whatever Allow says.
 	Deny []string
