@@ -168,12 +168,13 @@ func (h *Handler) streamFromCache(w http.ResponseWriter, r *http.Request, req *r
 	stopWatch := h.watchStall(r.Context(), ep, &progress, cancel)
 	sent, readErr, writeErr := copyCounting(w, resp.Body, &progress)
 	stopWatch()
-	if writeErr != nil || r.Context().Err() != nil {
-		return // containerd left
-	}
-	if readErr == nil {
+	if readErr == nil && writeErr == nil {
+		// Counted even when containerd hung up just after the last byte.
 		h.cfg.Observe("cache", "", false)
 		return
+	}
+	if writeErr != nil || r.Context().Err() != nil {
+		return // containerd left
 	}
 	cause := context.Cause(ctx)
 	if cause == nil {
