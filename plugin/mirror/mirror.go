@@ -270,12 +270,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.WriteString(w, "{}")
 		return
 	}
-	if req.Kind == route.KindBlob && r.Method == http.MethodGet && h.cfg.Joinable != nil {
+	// A ranged GET goes the usual way, even when a prefill of the blob runs.
+	if req.Kind == route.KindBlob && r.Method == http.MethodGet && h.cfg.Joinable != nil && r.Header.Get("Range") == "" {
 		if f := h.cfg.Joinable(req.Registry, req.Repository, req.Digest, r.Header); f != nil {
-			served := h.serveFill(w, r, f)
+			done, why := h.serveFill(w, r, req, f)
 			f.Release()
-			if served {
-				h.cfg.Observe("prefill", "", false)
+			if done {
+				return
+			}
+			if why != "" {
+				// Waited on the prefill as long as on cove-cache itself: no second wait.
+				h.fallBack(w, r, req, why)
 				return
 			}
 		}
@@ -292,6 +297,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		reason = why
 	}
+	h.fallBack(w, r, req, reason)
+}
+
+// fallBack answers a request no cove-cache could serve, by the Fallback mode.
+func (h *Handler) fallBack(w http.ResponseWriter, r *http.Request, req *route.Request, reason string) {
 	if h.cfg.Fallback == FallbackHandoff && req.Registry != "" {
 		// The origin is containerd's last host: a 5xx here sends containerd there at once.
 		httpx.WriteError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "cove-cache unavailable ("+reason+"): fetch from the origin")

@@ -52,15 +52,47 @@ func (h *Handler) serveHeldManifest(w http.ResponseWriter, r *http.Request, req 
 	h.cfg.Observe("cache", "", false)
 }
 
-// serveFill streams a whole blob from a running prefill. It returns false, having
-// written nothing, when the prefill ended without content.
-func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, f *fill.Fill) bool {
-	if r.Header.Get("Range") != "" {
-		return false // ranged fetches go the usual way
+// serveFill answers containerd's GET of a blob from f, the running prefill of that
+// blob, so no byte is fetched twice. The prefill fetches from cove-cache within the
+// bounds of the resolver hook's own requests (FetchFromCache), and containerd's request
+// waits on it no longer than tryCache would wait on its own: for the prefill's response
+// headers, awaitHeaders probing the first cache the breakers allow; for the body, the
+// prefill's own stall watch, and a blob the prefill loses mid-body is finished from the
+// origin with a Range request, as streamFromCache finishes a broken cache body.
+//
+// done is true when the client has been answered (or has gone). Otherwise nothing was
+// written, and why is "" when the prefill ended without content (the request goes the
+// usual way) or the reason the wait ended, where tryCache would have fallen back too.
+func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, req *route.Request, f *fill.Fill) (done bool, why string) {
+	wctx, stop := context.WithCancel(r.Context())
+	defer stop()
+	var resp *fill.Response
+	var err error
+	ready := make(chan struct{})
+	go func() {
+		resp, err = f.Response(wctx)
+		close(ready)
+	}()
+	var ep *cacheEndpoint
+	for _, e := range h.caches {
+		if e.breaker.Allow() {
+			ep = e
+			break
+		}
 	}
-	resp, err := f.Response(r.Context())
+	if ep == nil {
+		// Every cache is bypassed: take the prefill's answer if it is there, wait for
+		// nothing.
+		select {
+		case <-ready:
+		default:
+			return false, ""
+		}
+	} else if why := h.awaitHeaders(r.Context(), ep, ready, r.URL.Path); why != "" {
+		return why == gone, why
+	}
 	if err != nil || resp.Status != http.StatusOK {
-		return false
+		return false, ""
 	}
 	size := f.Size()
 	w.Header().Set("Content-Type", "application/octet-stream")
@@ -72,27 +104,74 @@ func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, f *fill.Fill
 	if fl, ok := w.(http.Flusher); ok {
 		fl.Flush()
 	}
-	if _, err := io.Copy(w, f.NewReader(r.Context(), 0, -1)); err != nil {
+	cw := &countingWriter{w: w}
+	_, err = io.Copy(cw, f.NewReader(r.Context(), 0, -1))
+	if err == nil {
+		h.cfg.Observe("prefill", "", false)
+		return true, ""
+	}
+	if r.Context().Err() != nil {
+		return true, "" // containerd left
+	}
+	if _, ferr := f.Done(); ferr == nil || size < 0 {
+		h.log.Warn("sending a prefilled blob failed", "path", r.URL.Path, "sent", cw.n, "error", err)
 		panic(http.ErrAbortHandler) // containerd retries the blob and finds it, or fetches it
 	}
-	return true
+	h.log.Warn("the prefill of a blob broke off: resuming from the origin", "path", r.URL.Path, "sent", cw.n, "error", err)
+	if err := h.resume(w, r, req, cw.n, size-1); err != nil {
+		h.log.Warn("resuming from the origin failed", "path", r.URL.Path, "error", err)
+		panic(http.ErrAbortHandler)
+	}
+	h.cfg.Observe("origin", "stall", true)
+	return true, ""
 }
 
-// FetchFromCache GETs a blob from the first cove-cache whose breaker allows it, with the
-// client's headers, for the prefill. It never falls back to the origin: a prefill is an
-// optimisation, and containerd fetches whatever the prefill could not.
+// countingWriter counts the bytes w accepted. It passes ReadFrom on, so a prefilled
+// blob still goes out with sendfile(2) from its spool file.
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *countingWriter) ReadFrom(src io.Reader) (int64, error) {
+	rf, ok := c.w.(io.ReaderFrom)
+	if !ok {
+		return io.Copy(struct{ io.Writer }{c}, src)
+	}
+	n, err := rf.ReadFrom(src)
+	c.n += n
+	return n, err
+}
+
+// FetchFromCache GETs a blob from cove-cache for the prefill, with the client's
+// headers, bounded like the resolver hook's own requests: the connect, the response
+// headers (awaitHeaders) and every stall of the body (watchStall), each judged by a
+// health probe; a failing cache is counted by its breaker and the next one is tried.
+// It never falls back to the origin: a prefill is an optimisation, and containerd
+// fetches whatever the prefill could not. The caller must close the body.
 func (h *Handler) FetchFromCache(ctx context.Context, registry, repository string, d digest.Digest, header http.Header) (*http.Response, error) {
+	failure := "no healthy cove-cache"
 	for _, ep := range h.caches {
 		if !ep.breaker.Allow() {
 			continue
 		}
-		u := ep.base + "/v2/" + repository + "/blobs/" + d.String() + "?ns=" + url.QueryEscape(registry)
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-		if err != nil {
-			return nil, err
+		path := "/v2/" + repository + "/blobs/" + d.String()
+		u := ep.base + path + "?ns=" + url.QueryEscape(registry)
+		resp, rctx, cancel, why := h.roundTrip(ctx, ep, http.MethodGet, u, httpx.OriginRequestHeaders(header), path)
+		switch why {
+		case "":
+			resp.Body = h.watchBody(ctx, rctx, ep, resp.Body, cancel, path)
+			return resp, nil
+		case gone:
+			return nil, context.Cause(ctx)
 		}
-		req.Header = httpx.OriginRequestHeaders(header)
-		return ep.client.Do(req)
+		failure = "cove-cache " + ep.base + ": " + why
 	}
-	return nil, errors.New("no healthy cove-cache")
+	return nil, errors.New(failure)
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -75,4 +76,58 @@ func copyCounting(w io.Writer, src io.Reader, progress *atomic.Int64) (n int64, 
 			return n, err, nil
 		}
 	}
+}
+
+// watchBody reads a cove-cache response body under watchStall, for the prefill: when
+// the cache stops sending and fails its health probe (or sends nothing for
+// SlowOriginTimeout), the request is cancelled, the read fails with the reason and the
+// breaker counts the failure. Closing the body stops the watch and ends the request.
+func (h *Handler) watchBody(parent, ctx context.Context, ep *cacheEndpoint, body io.ReadCloser, cancel context.CancelCauseFunc, path string) io.ReadCloser {
+	b := &watchedBody{body: body, parent: parent, ctx: ctx, cancel: cancel, h: h, ep: ep, path: path}
+	b.stop = h.watchStall(ctx, ep, &b.progress, cancel)
+	return b
+}
+
+type watchedBody struct {
+	body        io.ReadCloser
+	parent, ctx context.Context
+	cancel      context.CancelCauseFunc
+	stop        func()
+	h           *Handler
+	ep          *cacheEndpoint
+	path        string
+	progress    atomic.Int64
+	n           int64
+	failed      bool
+	closeOnce   sync.Once
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.body.Read(p)
+	if n > 0 {
+		b.n += int64(n)
+		b.progress.Store(b.n)
+	}
+	if err == nil || err == io.EOF || b.parent.Err() != nil {
+		return n, err // a clean end, or the reader's own cancellation
+	}
+	if cause := context.Cause(b.ctx); cause != nil {
+		err = cause
+	}
+	if !b.failed {
+		b.failed = true
+		b.ep.breaker.Failure()
+		b.h.log.Warn("cove-cache broke off a prefill", "cache", b.ep.base, "path", b.path, "received", b.n, "error", err)
+	}
+	return n, err
+}
+
+func (b *watchedBody) Close() error {
+	var err error
+	b.closeOnce.Do(func() {
+		b.stop()
+		err = b.body.Close()
+		b.cancel(nil)
+	})
+	return err
 }
