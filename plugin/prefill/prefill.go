@@ -19,6 +19,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -54,7 +55,9 @@ type Config struct {
 	MaxHold time.Duration
 	// ProtectFor is how long a landed blob is protected (default 30 min).
 	ProtectFor time.Duration
-	// Parallel bounds concurrent blob fetches (default 8).
+	// Parallel bounds concurrent blob fetches (default 8), each from its request to the
+	// end of its body; a prefill waits for a slot at most MaxHold, and not at all once
+	// containerd asks for its blob.
 	Parallel int
 	Logger   *slog.Logger
 }
@@ -65,6 +68,9 @@ type Prefiller struct {
 	fills *fill.Manager
 	sem   chan struct{}
 	log   *slog.Logger
+
+	mu     sync.Mutex
+	queued map[digest.Digest]chan struct{} // prefills waiting for a slot; closed on demand
 }
 
 // New returns a Prefiller. The spool directory is emptied.
@@ -87,7 +93,7 @@ func New(cfg Config) (*Prefiller, error) {
 	if cfg.Protect == nil {
 		cfg.Protect = func(digest.Digest, time.Time) {}
 	}
-	p := &Prefiller{cfg: cfg, sem: make(chan struct{}, cfg.Parallel), log: cfg.Logger}
+	p := &Prefiller{cfg: cfg, sem: make(chan struct{}, cfg.Parallel), log: cfg.Logger, queued: map[digest.Digest]chan struct{}{}}
 	m, err := fill.NewManager(cfg.SpoolDir, p.commit, fill.WithLogger(cfg.Logger))
 	if err != nil {
 		return nil, err
@@ -167,14 +173,23 @@ func (p *Prefiller) OnManifest(_ context.Context, m mirror.Manifest) func(contex
 		}
 		d, size := desc.Digest, desc.Size
 		f, _ := p.fills.Join(fill.Key{Registry: "local", Digest: d}, owner, func(ctx context.Context) (*http.Response, error) {
-			p.sem <- struct{}{}
-			defer func() { <-p.sem }()
+			release, err := p.acquire(ctx, d)
+			if err != nil {
+				return nil, err
+			}
 			resp, err := p.cfg.Fetch(ctx, m.Registry, m.Repository, d, header)
-			if err == nil && resp.StatusCode == http.StatusOK && resp.ContentLength >= 0 && resp.ContentLength != size {
+			if err != nil {
+				release()
+				return nil, err
+			}
+			if resp.StatusCode == http.StatusOK && resp.ContentLength >= 0 && resp.ContentLength != size {
 				resp.Body.Close()
+				release()
 				return nil, fmt.Errorf("cove-cache sent %d bytes for a %d-byte blob", resp.ContentLength, size)
 			}
-			return resp, err
+			// The slot is the transfer's, not the request's: held until the body is done.
+			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
+			return resp, nil
 		})
 		pending = append(pending, f)
 	}
@@ -213,5 +228,67 @@ func (p *Prefiller) Joinable(registry, repository string, d digest.Digest, heade
 		f.Release()
 		return nil
 	}
+	p.demand(d)
 	return f
+}
+
+// acquire takes one of the Parallel fetch slots for the prefill of d, waiting while ctx
+// lasts and at most MaxHold: by then the manifest's hold is over and containerd fetches
+// what it still misses. A prefill containerd itself asks for (demand) goes at once
+// without a slot, as containerd's own request would: containerd bounds how many blobs
+// it fetches at a time. release gives the slot back.
+func (p *Prefiller) acquire(ctx context.Context, d digest.Digest) (release func(), err error) {
+	free := func() { <-p.sem }
+	select {
+	case p.sem <- struct{}{}:
+		return free, nil
+	default:
+	}
+	asked := make(chan struct{})
+	p.mu.Lock()
+	p.queued[d] = asked
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		if p.queued[d] == asked {
+			delete(p.queued, d)
+		}
+		p.mu.Unlock()
+	}()
+	timer := time.NewTimer(p.cfg.MaxHold)
+	defer timer.Stop()
+	select {
+	case p.sem <- struct{}{}:
+		return free, nil
+	case <-asked:
+		return func() {}, nil
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	case <-timer.C:
+		return nil, fmt.Errorf("no prefill slot free within %s", p.cfg.MaxHold)
+	}
+}
+
+// demand lets the queued prefill of d, if any, start now: containerd waits for it.
+func (p *Prefiller) demand(d digest.Digest) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ch := p.queued[d]; ch != nil {
+		close(ch)
+		delete(p.queued, d)
+	}
+}
+
+// releasingBody gives the fetch slot back when the fill closes the body: at its end,
+// or when the fetch failed.
+type releasingBody struct {
+	io.ReadCloser
+	release func()
+	once    sync.Once
+}
+
+func (b *releasingBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.release)
+	return err
 }
