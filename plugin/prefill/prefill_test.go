@@ -33,9 +33,14 @@ type rig struct {
 	served  map[string]int
 	mu      sync.Mutex
 	protect map[digest.Digest]time.Time
+	prefill *prefill.Prefiller
 }
 
-func newRig(t *testing.T, layerSize int64) *rig {
+func newRig(t *testing.T, layerSize int64) *rig { return newRigWith(t, layerSize, nil, nil) }
+
+// newRigWith is newRig with cove-node's view of cove-cache replaced by wrap(cacheURL)
+// (a cache that fails) and its configuration changed by tune, both optional.
+func newRigWith(t *testing.T, layerSize int64, wrap func(cacheURL string) string, tune func(*prefill.Config, *mirror.Config)) *rig {
 	t.Helper()
 	r := &rig{served: map[string]int{}, protect: map[digest.Digest]time.Time{}}
 	r.origin = peers.StartRegistry(t)
@@ -52,29 +57,46 @@ func newRig(t *testing.T, layerSize int64) *rig {
 	cache := httptest.NewServer(cs)
 	t.Cleanup(cache.Close)
 
+	cacheURL := cache.URL
+	if wrap != nil {
+		cacheURL = wrap(cache.URL)
+	}
 	r.content = filepath.Join(dir, "io.containerd.content.v1.content")
 	var h *mirror.Handler
-	p, err := prefill.New(prefill.Config{
+	pcfg := prefill.Config{
 		ContentRoot: r.content,
 		SpoolDir:    filepath.Join(dir, "io.cove.node.v1.prefill"),
 		Fetch: func(ctx context.Context, registry, repo string, d digest.Digest, hdr http.Header) (*http.Response, error) {
 			return h.FetchFromCache(ctx, registry, repo, d, hdr)
 		},
 		Protect: func(d digest.Digest, until time.Time) { r.mu.Lock(); r.protect[d] = until; r.mu.Unlock() },
-	})
+	}
+	mcfg := mirror.Config{
+		Caches:    []string{cacheURL},
+		PlainHTTP: []string{r.origin.Addr},
+		Observe: func(by, reason string, _ bool) {
+			r.mu.Lock()
+			r.served[by]++
+			if reason != "" {
+				r.served[by+"/"+reason]++
+			}
+			r.mu.Unlock()
+		},
+	}
+	if tune != nil {
+		tune(&pcfg, &mcfg)
+	}
+	p, err := prefill.New(pcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err = mirror.New(mirror.Config{
-		Caches:     []string{cache.URL},
-		PlainHTTP:  []string{r.origin.Addr},
-		OnManifest: p.OnManifest,
-		Joinable:   p.Joinable,
-		Observe:    func(by, _ string, _ bool) { r.mu.Lock(); r.served[by]++; r.mu.Unlock() },
-	})
+	r.prefill = p
+	mcfg.OnManifest, mcfg.Joinable = p.OnManifest, p.Joinable
+	h, err = mirror.New(mcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { h.Close() })
 	r.mirror = httptest.NewServer(h)
 	t.Cleanup(r.mirror.Close)
 	return r
