@@ -146,6 +146,7 @@ func (h *Handler) probe(ctx context.Context, ep *cacheEndpoint) bool {
 func (h *Handler) streamFromCache(w http.ResponseWriter, r *http.Request, req *route.Request, ep *cacheEndpoint, resp *http.Response, ctx context.Context, cancel context.CancelCauseFunc) {
 	defer cancel(nil)
 	defer resp.Body.Close()
+	h.around.saw(req, r, resp.StatusCode)
 	httpx.CopyRelayed(w.Header(), resp.Header)
 	if ns := resp.Header.Get("Oci-Namespace"); ns != "" {
 		w.Header().Set("Oci-Namespace", ns)

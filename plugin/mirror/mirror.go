@@ -87,6 +87,13 @@ type Config struct {
 	// registry, repository and credentials), acquired; containerd's own GET of that blob
 	// is then served from it, so no byte is fetched twice.
 	Joinable func(registry, repository string, d digest.Digest, header http.Header) *fill.Fill
+	// AroundCache, when set, is told of every pull that went round the cache for want of
+	// credentials: a 401 to a manifest request for the repository, and no successful
+	// answer for it within AroundCacheWindow (default 10 s); reason is
+	// AroundNoCredentials or AroundRefused. A warning is logged too, at most once per
+	// repository every 10 minutes.
+	AroundCache       func(registry, repository, reason string)
+	AroundCacheWindow time.Duration
 }
 
 // Fallback modes (Config.Fallback).
@@ -140,6 +147,12 @@ func (c *Config) defaults() {
 	if c.Observe == nil {
 		c.Observe = func(string, string, bool) {}
 	}
+	if c.AroundCache == nil {
+		c.AroundCache = func(string, string, string) {}
+	}
+	if c.AroundCacheWindow == 0 {
+		c.AroundCacheWindow = 10 * time.Second
+	}
 }
 
 // Handler serves the distribution pull API for containerd.
@@ -150,6 +163,7 @@ type Handler struct {
 	origin *origin.Client
 	router route.Router
 	log    *slog.Logger
+	around *aroundWatch
 }
 
 type cacheEndpoint struct {
@@ -166,6 +180,7 @@ func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
 		return nil, fmt.Errorf("fallback %q: want %s or %s", cfg.Fallback, FallbackHandoff, FallbackRelay)
 	}
 	h := &Handler{cfg: cfg, log: cfg.Logger, stop: make(chan struct{})}
+	h.around = newAroundWatch(cfg.AroundCacheWindow, 10*time.Minute, cfg.AroundCache, cfg.Logger)
 	for _, raw := range cfg.Caches {
 		base := strings.TrimRight(raw, "/")
 		if !strings.HasPrefix(base, "http://") && !strings.HasPrefix(base, "https://") {
@@ -235,6 +250,7 @@ func (h *Handler) Close() error {
 	default:
 		close(h.stop)
 	}
+	h.around.close()
 	return nil
 }
 

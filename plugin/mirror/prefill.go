@@ -94,6 +94,7 @@ func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, req *route.R
 	if err != nil || resp.Status != http.StatusOK {
 		return false, ""
 	}
+	h.around.saw(req, r, http.StatusOK)
 	size := f.Size()
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Docker-Content-Digest", f.Key.Digest.String())
