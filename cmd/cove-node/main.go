@@ -97,6 +97,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.cfg.Fallback, "fallback", mirror.FallbackHandoff, "when cove-cache cannot serve a request: handoff (answer 503, containerd fetches from the origin itself) or relay (cove-node fetches and relays)")
 	fs.DurationVar(&o.cfg.ProbeInterval, "probe-interval", time.Second, "background health check of each cove-cache")
 	fs.DurationVar(&o.cfg.ProbeAfter, "probe-after", 250*time.Millisecond, "first health probe of cove-cache once headers or body bytes are this late")
+	fs.DurationVar(&o.cfg.AroundCacheWindow, "around-cache-window", 10*time.Second, "a 401 to a manifest request not followed by a success for its repository within this window counts as a pull that went round the cache (cove_node_pulls_around_cache_total)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
 	if err := fs.Parse(args); err != nil {
@@ -131,6 +132,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	for name, d := range map[string]time.Duration{
 		"--connect-timeout": o.cfg.ConnectTimeout, "--header-timeout": o.cfg.HeaderTimeout, "--stall-timeout": o.cfg.StallTimeout,
 		"--slow-origin-timeout": o.cfg.SlowOriginTimeout, "--probe-timeout": o.cfg.ProbeTimeout, "--probe-after": o.cfg.ProbeAfter, "--probe-interval": o.cfg.ProbeInterval,
+		"--around-cache-window": o.cfg.AroundCacheWindow,
 	} {
 		if d <= 0 {
 			return nil, fmt.Errorf("%s must be positive", name)

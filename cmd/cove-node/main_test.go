@@ -24,6 +24,7 @@ func TestBadFlagsFailClearly(t *testing.T) {
 		{[]string{"serve", "--cache", "ftp://cache:5005"}, "--cache"},
 		{[]string{"serve", "--origin-plain-http", "a/b"}, "--origin-plain-http"},
 		{[]string{"serve", "--header-timeout", "0s"}, "--header-timeout"},
+		{[]string{"serve", "--around-cache-window", "-1s"}, "--around-cache-window"},
 		{[]string{"serve", "--header-timeout", "30s", "--slow-origin-timeout", "5s"}, "--slow-origin-timeout"},
 		{[]string{"serve", "--content-socket", "relative.sock"}, "absolute"},
 		{[]string{"print-containerd-config", "--content-socket", "rel.sock"}, "absolute"},

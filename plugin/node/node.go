@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/containerd/plugin"
@@ -179,6 +180,7 @@ func initMirror(ic *plugin.InitContext) (interface{}, error) {
 	mcfg := d.cfg.Mirror
 	mcfg.Logger = d.cfg.Logger
 	mcfg.Observe = d.metrics.observe
+	mcfg.AroundCache = d.metrics.aroundCache
 	if p, err := ic.GetSingle(TypePrefill); err == nil {
 		pf := p.(*prefill.Prefiller)
 		mcfg.OnManifest = pf.OnManifest
@@ -233,7 +235,14 @@ type metrics struct {
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
 	resumes  prometheus.Counter
+	around   *prometheus.CounterVec
+
+	mu         sync.Mutex
+	registries map[string]bool // registry label values in use, at most maxRegistryLabels
 }
+
+// maxRegistryLabels bounds the registry label: registries past it count as "other".
+const maxRegistryLabels = 64
 
 func newMetrics() *metrics {
 	m := &metrics{
@@ -247,8 +256,32 @@ func newMetrics() *metrics {
 			Help: "Blobs cove-cache broke off that were finished from the origin with a Range request.",
 		}),
 	}
-	m.reg.MustRegister(m.requests, m.resumes, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.around = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cove_node_pulls_around_cache_total",
+		Help: "Pulls that went round the cache for want of credentials: cove-node relayed a 401 to a manifest request and no request for that repository succeeded through it within the window, so containerd fetched from the registry itself. reason: no-credentials (containerd sent none: CRI credentials whose server_address names the registry, not the mirror), credentials-refused (what it sent, often an anonymous token, was refused too).",
+	}, []string{"registry", "reason"})
+	m.registries = map[string]bool{}
+	m.reg.MustRegister(m.requests, m.resumes, m.around, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+func (m *metrics) aroundCache(registry, _, reason string) {
+	m.around.WithLabelValues(m.registryLabel(registry), reason).Inc()
+}
+
+// registryLabel is registry while fewer than maxRegistryLabels are in use, else "other":
+// registries are whatever containerd names.
+func (m *metrics) registryLabel(registry string) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.registries[registry] {
+		return registry
+	}
+	if len(m.registries) >= maxRegistryLabels {
+		return "other"
+	}
+	m.registries[registry] = true
+	return registry
 }
 
 func (m *metrics) observe(servedBy, reason string, resumed bool) {
