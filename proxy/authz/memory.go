@@ -1,27 +1,10 @@
-package server
+package authz
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"net/http"
 	"sync"
 	"time"
-
-	"github.com/cove-oci/cove/proxy/httpx"
 )
-
-// credentialHash is the only form in which a client's credentials are kept: a SHA-256 of
-// the Authorization header, in memory.
-func credentialHash(h http.Header) string {
-	sum := sha256.Sum256([]byte(httpx.CredentialKey(h)))
-	return hex.EncodeToString(sum[:])
-}
-
-// owner identifies (credential, registry, repository): requests with the same owner as a
-// fill were authorized by the origin's answer to that fill.
-func owner(h http.Header, registry, repo string) string {
-	return credentialHash(h) + "|" + registry + "|" + repo
-}
 
 // allowances remembers when the origin last let a credential read from a repository:
 // (credential hash, registry, repository) -> time of the origin's last yes. It is learned

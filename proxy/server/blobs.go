@@ -10,6 +10,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/cove-oci/cove/proxy/authz"
 	"github.com/cove-oci/cove/proxy/fill"
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
@@ -41,8 +42,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Re
 		}
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusOK {
-			s.allow.allow(owner(r.Header, req.Registry, req.Repository))
-			s.addMember(ctx, req.Registry, req.Repository, req.Digest)
+			s.learn(r, req, req.Digest)
 		}
 		s.metrics.Request("blob", metrics.ResultPassthrough)
 		relay(w, r, resp.StatusCode, resp.Header, nil)
@@ -51,72 +51,54 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Re
 	s.serveFromFill(w, r, req, path)
 }
 
-// authorize decides whether this client may be served this cached object of this
-// repository. It may without asking the origin when its credential has a fresh allowance
-// for the repository and the object is a member of the repository; otherwise it asks the
-// origin with the client's own credentials (a HEAD of the object there), which teaches
-// both. On no, it relays the origin's answer (a 401 challenge included) and returns false.
-// When the origin cannot answer, the offline policy decides.
+// authorize asks the one decision (authz.MayRead) whether this client may be served this
+// cached object of this repository, and answers the client itself when not: the origin's
+// own refusal relayed (a 401 challenge included), or 502 when the origin could not be
+// asked and the offline policy does not serve. A stale yes is marked on the response.
 func (s *Server) authorize(w http.ResponseWriter, r *http.Request, req *route.Request, path string, d digest.Digest) bool {
-	ctx := r.Context()
-	own := owner(r.Header, req.Registry, req.Repository)
-	member := s.isMember(ctx, req.Registry, req.Repository, d)
-	if member && s.allow.fresh(own) {
-		return true
+	obj := authz.Object{Registry: req.Registry, Repository: req.Repository, Digest: d}
+	dec := s.authz.MayRead(r.Context(), authz.CredentialOf(r.Header), obj, s.askOrigin(r.Header, req.Registry, path))
+	if dec.Asked {
+		s.metrics.AuthzCheck()
 	}
-	if h, ok := s.refused.get(own); ok {
-		s.metrics.Request(req.Kind.String(), metrics.ResultDenied)
-		relay(w, r, http.StatusUnauthorized, h, nil)
+	switch dec.Verdict {
+	case authz.Allow:
+		return true
+	case authz.AllowStale:
+		s.markStale(w, req)
+		return true
+	case authz.Unavailable:
+		// Never serve a cached byte the origin has not allowed; containerd falls back.
+		s.originUnavailable(w, req, req.Kind.String(), dec.Err)
 		return false
 	}
-	s.metrics.AuthzCheck()
-	resp, err := s.origin.Do(ctx, http.MethodHead, req.Registry, path, nil, r.Header, nil)
-	if err != nil || resp.StatusCode >= 500 {
-		if resp != nil {
-			resp.Body.Close()
-		}
-		if member && s.offlineAllows(own) {
-			s.markStale(w, req)
-			return true
-		}
-		if err != nil {
-			// Never serve a cached byte the origin has not allowed; containerd falls back.
-			s.originUnavailable(w, req, req.Kind.String(), err)
-			return false
-		}
-		s.metrics.Request(req.Kind.String(), metrics.ResultError)
-		relay(w, r, resp.StatusCode, resp.Header, nil)
-		return false
-	}
-	resp.Body.Close()
-	switch resp.StatusCode {
-	case http.StatusOK:
-		s.allow.allow(own)
-		s.refused.forget(own)
-		if req.Kind == route.KindManifest {
-			s.learnManifest(ctx, req.Registry, req.Repository, d, nil)
-		} else {
-			s.addMember(ctx, req.Registry, req.Repository, d)
-		}
-		return true
-	case http.StatusNotFound:
-		s.dropMember(ctx, req.Registry, req.Repository, d)
-	case http.StatusUnauthorized:
-		s.refused.remember(own, resp.Header)
-	}
-	s.metrics.Request(req.Kind.String(), resultForStatus(resp.StatusCode))
-	relay(w, r, resp.StatusCode, resp.Header, nil)
+	s.metrics.Request(req.Kind.String(), resultForStatus(dec.Status))
+	relay(w, r, dec.Status, dec.Header, nil)
 	return false
 }
 
-// offlineAllows is the offline policy for a credential when the origin cannot answer:
-// deny always says no; recent says yes to an allowance younger than the bound.
-func (s *Server) offlineAllows(own string) bool {
-	if s.offline != OfflineRecent {
-		return false
+// askOrigin is the origin check of a decision: a HEAD of path with the client's own
+// credentials.
+func (s *Server) askOrigin(header http.Header, registry, path string) authz.AskOrigin {
+	return func(ctx context.Context) authz.OriginAnswer {
+		resp, err := s.origin.Do(ctx, http.MethodHead, registry, path, nil, header, nil)
+		if err != nil {
+			return authz.OriginAnswer{Err: err}
+		}
+		resp.Body.Close()
+		return authz.OriginAnswer{Status: resp.StatusCode, Header: resp.Header}
 	}
-	age, ok := s.allow.age(own)
-	return ok && age <= s.offlineMaxAge
+}
+
+// learn records the origin's 200 to this client for digest d in the request's repository.
+func (s *Server) learn(r *http.Request, req *route.Request, d digest.Digest) {
+	s.authz.Learn(r.Context(), authz.CredentialOf(r.Header), authz.Object{Registry: req.Registry, Repository: req.Repository, Digest: d})
+}
+
+// fillOwner identifies (credential, registry, repository): a client with the same owner
+// as a fill was authorized by the origin's answer to that fill.
+func fillOwner(r *http.Request, req *route.Request) string {
+	return string(authz.CredentialOf(r.Header)) + "|" + req.Registry + "|" + req.Repository
 }
 
 // markStale labels a response served while the origin could not be asked.
@@ -203,7 +185,7 @@ func (s *Server) parseRange(w http.ResponseWriter, r *http.Request, size int64) 
 // it, or joins the one running, and streams while the bytes arrive.
 func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *route.Request, path string) {
 	ctx := r.Context()
-	own := owner(r.Header, req.Registry, req.Repository)
+	own := fillOwner(r, req)
 	originHeader := httpx.OriginRequestHeaders(r.Header) // the fill may outlive this request
 	registry := req.Registry
 	fetch := func(ctx context.Context) (*http.Response, error) {
@@ -245,8 +227,7 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 			result = metrics.ResultCoalesced
 		} else {
 			// The origin just answered this credential 200 for this blob in this repository.
-			s.allow.allow(own)
-			s.addMember(ctx, req.Registry, req.Repository, req.Digest)
+			s.learn(r, req, req.Digest)
 		}
 		s.metrics.Request("blob", result)
 		s.streamFill(w, r, req, f)

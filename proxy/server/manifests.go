@@ -10,6 +10,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/cove-oci/cove/proxy/authz"
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
 	"github.com/cove-oci/cove/proxy/route"
@@ -37,8 +38,9 @@ func (s *Server) serveManifest(w http.ResponseWriter, r *http.Request, req *rout
 func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req *route.Request) {
 	ctx := r.Context()
 	tagPath := manifestPath(req, req.Tag)
-	own := owner(r.Header, req.Registry, req.Repository)
-	if h, ok := s.refused.get(own); ok {
+	cred := authz.CredentialOf(r.Header)
+	repo := authz.Object{Registry: req.Registry, Repository: req.Repository}
+	if h, ok := s.authz.Challenge(cred, repo); ok {
 		s.metrics.Request("manifest", metrics.ResultDenied)
 		relay(w, r, http.StatusUnauthorized, h, nil)
 		return
@@ -62,7 +64,7 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req 
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		if resp.StatusCode == http.StatusUnauthorized {
-			s.refused.remember(own, resp.Header)
+			s.authz.Refused(cred, repo, resp.Header)
 		}
 		s.metrics.Request("manifest", resultForStatus(resp.StatusCode))
 		relay(w, r, resp.StatusCode, resp.Header, nil)
@@ -74,14 +76,16 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req 
 		s.fetchManifest(w, r, req, tagPath, "")
 		return
 	}
-	// The origin just let this credential read this tag, which is d, in this repository.
-	s.allow.allow(own)
-	s.refused.forget(own)
-	s.learnManifest(ctx, req.Registry, req.Repository, d, nil)
+	// The origin just let this credential read this tag, which is d, in this repository:
+	// its own word that the repository holds d.
+	s.learn(r, req, d)
 	s.rememberTag(ctx, req.Registry, req.Repository, req.Tag, d, resp.Header.Get("Content-Type"))
 	if mediaType, size, ok := s.cachedManifest(r, req.Registry, d); ok {
 		s.metrics.Request("manifest", metrics.ResultHit)
 		s.serveStoredDigest(w, r, req.Registry, d, size, mediaType)
+		if r.Method == http.MethodGet {
+			s.checkListedStored(r, req, d, mediaType)
+		}
 		return
 	}
 	if r.Method == http.MethodHead {
@@ -101,6 +105,9 @@ func (s *Server) serveManifestByDigest(w http.ResponseWriter, r *http.Request, r
 		}
 		s.metrics.Request("manifest", metrics.ResultHit)
 		s.serveStoredDigest(w, r, req.Registry, d, size, mediaType)
+		if r.Method == http.MethodGet {
+			s.checkListedStored(r, req, d, mediaType)
+		}
 		return
 	}
 	if r.Method == http.MethodHead {
@@ -121,7 +128,8 @@ func (s *Server) serveManifestByDigest(w http.ResponseWriter, r *http.Request, r
 // "recent": the last digest seen for it, if that manifest is cached, is a member of the
 // repository, and this credential's allowance for the repository is recent enough.
 func (s *Server) serveStaleTag(w http.ResponseWriter, r *http.Request, req *route.Request) bool {
-	if s.offline != OfflineRecent || !s.offlineAllows(owner(r.Header, req.Registry, req.Repository)) {
+	cred := authz.CredentialOf(r.Header)
+	if !s.authz.OfflineAllows(cred, authz.Object{Registry: req.Registry, Repository: req.Repository}) {
 		return false
 	}
 	b, err := s.store.GetRecord(r.Context(), tagKey(req.Registry, req.Repository, req.Tag))
@@ -129,7 +137,8 @@ func (s *Server) serveStaleTag(w http.ResponseWriter, r *http.Request, req *rout
 		return false
 	}
 	var rec tagRecord
-	if json.Unmarshal(b, &rec) != nil || rec.Digest.Validate() != nil || !s.isMember(r.Context(), req.Registry, req.Repository, rec.Digest) {
+	if json.Unmarshal(b, &rec) != nil || rec.Digest.Validate() != nil ||
+		!s.authz.IsMember(r.Context(), authz.Object{Registry: req.Registry, Repository: req.Repository, Digest: rec.Digest}) {
 		return false
 	}
 	mediaType, size, ok := s.cachedManifest(r, req.Registry, rec.Digest)
@@ -147,7 +156,7 @@ func (s *Server) cachedManifest(r *http.Request, registry string, d digest.Diges
 	if !ok {
 		return "", 0, false
 	}
-	mediaType, ok := s.manifestMediaType(r.Context(), d)
+	mediaType, ok := s.manifestMediaType(r.Context(), registry, d)
 	return mediaType, size, ok
 }
 
@@ -196,15 +205,7 @@ func (s *Server) fetchManifest(w http.ResponseWriter, r *http.Request, req *rout
 		s.badOrigin(w, req, fmt.Errorf("manifest body does not match digest %s", d))
 		return
 	}
-	mediaType := resp.Header.Get("Content-Type")
-	if mediaType == "" || mediaType == "application/octet-stream" {
-		var probe struct {
-			MediaType string `json:"mediaType"`
-		}
-		if json.Unmarshal(body, &probe) == nil && probe.MediaType != "" {
-			mediaType = probe.MediaType
-		}
-	}
+	mediaType := manifestMediaType(body, resp.Header.Get("Content-Type"))
 	if req.Tag != "" {
 		s.rememberTag(ctx, req.Registry, req.Repository, req.Tag, d, mediaType)
 	}
@@ -212,8 +213,10 @@ func (s *Server) fetchManifest(w http.ResponseWriter, r *http.Request, req *rout
 		s.log.Error("storing manifest failed", "registry", req.Registry, "digest", d, "error", err)
 	}
 	// The origin served this manifest to this credential in this repository.
-	s.allow.allow(owner(r.Header, req.Registry, req.Repository))
-	s.learnManifest(ctx, req.Registry, req.Repository, d, body)
+	s.learn(r, req, d)
+	if r.Method == http.MethodGet {
+		s.checkListed(r, req, mediaType, body)
+	}
 	s.metrics.Request("manifest", metrics.ResultMiss)
 	h := w.Header()
 	h.Set("Content-Type", mediaType)
@@ -235,7 +238,7 @@ func (s *Server) storeManifest(r *http.Request, registry string, d digest.Digest
 		return err
 	}
 	rec, _ := json.Marshal(manifestRecord{MediaType: mediaType})
-	if err := s.store.PutRecord(ctx, manifestKey(d), rec); err != nil {
+	if err := s.store.PutRecord(ctx, manifestTypeKey(d, registry), rec); err != nil {
 		return err
 	}
 	return s.recordProvenance(ctx, registry, d)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/cove-oci/cove/proxy/authz"
 	"github.com/cove-oci/cove/proxy/fill"
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
@@ -59,8 +60,8 @@ type Config struct {
 
 // Offline policies (Config.Offline).
 const (
-	OfflineDeny   = "deny"
-	OfflineRecent = "recent"
+	OfflineDeny   = authz.OfflineDeny
+	OfflineRecent = authz.OfflineRecent
 )
 
 // Server serves the distribution API.
@@ -70,16 +71,14 @@ type Server struct {
 	origin  *origin.Client
 	fills   *fill.Manager
 	metrics *metrics.Metrics
-	allow   *allowances
-	refused *challenges
+	authz   *authz.Authorizer
 	auths   originAuths
 
 	externalURL string
 
-	offline       string
-	offlineMaxAge time.Duration
-	log           *slog.Logger
-	mux           *http.ServeMux
+	listedChecks chan struct{} // slots for checkListed
+	log          *slog.Logger
+	mux          *http.ServeMux
 }
 
 // New builds a Server.
@@ -93,34 +92,32 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	if cfg.AuthzTTL == 0 {
-		cfg.AuthzTTL = 10 * time.Second
-	}
-	if cfg.Offline == "" {
-		cfg.Offline = OfflineDeny
-	}
-	if cfg.Offline != OfflineDeny && cfg.Offline != OfflineRecent {
-		return nil, fmt.Errorf("server: offline policy %q: want %s or %s", cfg.Offline, OfflineDeny, OfflineRecent)
-	}
-	if cfg.OfflineMaxAge == 0 {
-		cfg.OfflineMaxAge = time.Hour
-	}
 	if cfg.StallTimeout == 0 {
 		cfg.StallTimeout = 30 * time.Second
 	}
 	s := &Server{
-		store:   cfg.Storage,
-		router:  route.Router{DefaultRegistry: cfg.DefaultRegistry},
-		allow:   newAllowances(cfg.AuthzTTL, cfg.OfflineMaxAge),
-		refused: newChallenges(cfg.AuthzTTL),
+		store:  cfg.Storage,
+		router: route.Router{DefaultRegistry: cfg.DefaultRegistry},
 
 		auths: originAuths{m: map[string]originAuth{}},
 
-		externalURL:   strings.TrimSuffix(cfg.ExternalURL, "/"),
-		offline:       cfg.Offline,
-		offlineMaxAge: cfg.OfflineMaxAge,
-		log:           cfg.Logger,
+		externalURL:  strings.TrimSuffix(cfg.ExternalURL, "/"),
+		listedChecks: make(chan struct{}, maxListedChecks),
+		log:          cfg.Logger,
 	}
+	az, err := authz.New(authz.Config{
+		TTL:           cfg.AuthzTTL,
+		Offline:       cfg.Offline,
+		OfflineMaxAge: cfg.OfflineMaxAge,
+		Records:       cfg.Storage,
+		OnRecordError: func(op string, err error) {
+			s.log.Warn("membership record failed", "operation", op, "error", err)
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	s.authz = az
 	var fills *fill.Manager
 	s.metrics = metrics.New(func() int {
 		if fills == nil {
