@@ -45,6 +45,7 @@ type registryConfig struct {
 	proxyRemote string
 	users       map[string]string
 	auth        string // an "auth:" stanza set by options in other files (WithTokenAuth)
+	validation  string // a "validation:" stanza (WithManifestURLs)
 }
 
 // WithHtpasswd makes the registry require HTTP basic authentication for user (it
@@ -64,6 +65,20 @@ func WithHtpasswd(user, password string) RegistryOption {
 // that distribution v3.0.0 panics at start when the remote is unreachable.
 func WithProxyRemote(url string) RegistryOption {
 	return func(c *registryConfig) { c.proxyRemote = url }
+}
+
+// WithManifestURLs lets pushed manifests carry non-distributable layers whose urls match
+// one of the allow patterns (distribution's validation.manifests.urls.allow, regular
+// expressions). distribution then does not check that such a layer's blob exists.
+func WithManifestURLs(allow ...string) RegistryOption {
+	return func(c *registryConfig) {
+		var b strings.Builder
+		b.WriteString("validation:\n  manifests:\n    urls:\n      allow:\n")
+		for _, a := range allow {
+			fmt.Fprintf(&b, "        - %s\n", strconv.Quote(a))
+		}
+		c.validation = b.String()
+	}
 }
 
 // StartRegistry starts distribution v3 with filesystem storage on plain HTTP at
@@ -137,7 +152,7 @@ http:
 		}
 		conf += fmt.Sprintf("auth:\n  htpasswd:\n    realm: cove-test\n    path: %s\n", htpasswd)
 	}
-	conf += cfg.auth
+	conf += cfg.auth + cfg.validation
 	confPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		return nil, err

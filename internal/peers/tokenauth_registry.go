@@ -28,15 +28,15 @@ type TokenOrigin struct {
 }
 
 // StartTokenOrigin starts a token service for users (name -> password; TokenAdmin is
-// added) and a registry trusting it, both stopped at cleanup.
-func StartTokenOrigin(t testing.TB, users map[string]string) *TokenOrigin {
+// added) and a registry trusting it (with opts too), both stopped at cleanup.
+func StartTokenOrigin(t testing.TB, users map[string]string, opts ...RegistryOption) *TokenOrigin {
 	t.Helper()
 	pw := map[string]string{TokenAdmin: "admin-secret-0x"}
 	for u, p := range users {
 		pw[u] = p
 	}
 	ts := StartTokenService(t, pw)
-	return &TokenOrigin{Registry: StartRegistry(t, WithTokenAuth(ts)), Tokens: ts, Passwords: pw}
+	return &TokenOrigin{Registry: StartRegistry(t, append([]RegistryOption{WithTokenAuth(ts)}, opts...)...), Tokens: ts, Passwords: pw}
 }
 
 // Push pushes a random image (see PushRandomImage) as TokenAdmin.
