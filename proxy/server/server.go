@@ -225,7 +225,7 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 	} else {
 		r = s.withClientChallenge(r, req)
 	}
-	if !s.unwrapCoveToken(w, r, req) {
+	if !s.bindCredential(w, r, req) {
 		return
 	}
 	switch req.Kind {

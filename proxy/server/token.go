@@ -13,20 +13,22 @@ package server
 //   - GET /v2/ without ns= answers 401 with a Bearer challenge whose realm is cove-cache's
 //     /token, and every 401 such a client gets carries that challenge with the scope in
 //     the client's naming;
-//   - /token maps each scope to (registry, repository), finds how the origin
+//   - /token maps each scope to (registry, repository), binds the client's login to one
+//     registry (credentials.go) and refuses scopes of any other, finds how the origin
 //     authenticates (its own /v2/ challenge), and:
 //     Bearer: asks the origin's token service for the same scopes in the origin's naming,
-//     with the client's own credentials, and returns its answer unchanged;
-//     Basic, or none: checks the credentials against the origin and returns a cove token,
-//     which is the client's own Authorization header bound to that registry, unsealed
-//     and replaced by that header on every request it comes back with.
+//     with the client's login, and returns its answer with the token wrapped in a cove
+//     token bound to that registry;
+//     Basic, or none: checks the login against the origin and returns a cove token
+//     carrying it, bound to that registry.
+//     A cove token is unwrapped on every request it comes back with, for its registry
+//     only.
 //
 // cove-cache issues no authority of its own: every token is the origin's, or the
 // client's own credentials, and every object is still authorized by the origin.
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -37,7 +39,6 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker/auth"
-	"golang.org/x/net/http/httpguts"
 
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
@@ -59,54 +60,6 @@ const (
 	// remembered: it changes only when the registry is reconfigured.
 	originChallengeTTL = time.Minute
 )
-
-// coveToken is the content of a token cove-cache issues for an origin that uses Basic
-// authentication or none: the client's own Authorization header ("" for anonymous),
-// usable only with the registry it was issued for. It is not signed: whoever holds it
-// holds nothing but those credentials, which it could send directly.
-type coveToken struct {
-	Registry      string `json:"r"`
-	Authorization string `json:"a,omitempty"`
-}
-
-func (t coveToken) encode() string {
-	b, _ := json.Marshal(t)
-	return coveTokenPrefix + base64.RawURLEncoding.EncodeToString(b)
-}
-
-// decodeCoveToken parses the bearer token of an Authorization header. ok is false when
-// the header carries no cove token; err is set when it carries a malformed one.
-func decodeCoveToken(h http.Header) (tok coveToken, ok bool, err error) {
-	v := h.Get("Authorization")
-	scheme, token, found := strings.Cut(v, " ")
-	if !found || !strings.EqualFold(scheme, "Bearer") || !strings.HasPrefix(token, coveTokenPrefix) {
-		return coveToken{}, false, nil
-	}
-	b, err := base64.RawURLEncoding.DecodeString(strings.TrimPrefix(token, coveTokenPrefix))
-	if err != nil {
-		return coveToken{}, true, errMalformedToken
-	}
-	if err := json.Unmarshal(b, &tok); err != nil || tok.Registry == "" || !isBasicOrNone(tok.Authorization) {
-		return coveToken{}, true, errMalformedToken
-	}
-	return tok, true, nil
-}
-
-// isBasicOrNone reports whether an Authorization value is empty or a well-formed Basic
-// credential: the only contents a cove token may carry to an origin.
-func isBasicOrNone(v string) bool {
-	if v == "" {
-		return true
-	}
-	scheme, cred, ok := strings.Cut(v, " ")
-	return ok && strings.EqualFold(scheme, "Basic") && cred != "" && httpguts.ValidHeaderFieldValue(v)
-}
-
-type tokenError string
-
-func (e tokenError) Error() string { return string(e) }
-
-const errMalformedToken = tokenError("malformed cove-cache token")
 
 // clientChallenge is the challenge cove-cache gives a client that does not use ns=: its
 // own token realm, and the scope in the client's naming.
@@ -175,36 +128,6 @@ func (s *Server) tokenRealm(r *http.Request) string {
 		scheme = "https"
 	}
 	return scheme + "://" + r.Host + TokenPath
-}
-
-// unwrapCoveToken replaces a cove token on r by the credentials it carries. It answers
-// 401 itself (and returns false) when the token is malformed or was issued for another
-// registry, so the client fetches a new one.
-func (s *Server) unwrapCoveToken(w http.ResponseWriter, r *http.Request, req *route.Request) bool {
-	tok, ok, err := decodeCoveToken(r.Header)
-	if !ok {
-		return true
-	}
-	if err == nil && tok.Registry != req.Registry {
-		err = tokenError("cove-cache token issued for another registry")
-	}
-	if err != nil {
-		s.metrics.Request(req.Kind.String(), metrics.ResultDenied)
-		c, ok := r.Context().Value(clientChallengeKey{}).(*clientChallenge)
-		if !ok { // an ns= client sent a cove token: still point it at cove-cache's realm
-			c = &clientChallenge{realm: s.tokenRealm(r)}
-		}
-		w.Header().Set("Www-Authenticate", c.header("invalid_token"))
-		httpx.WriteError(w, http.StatusUnauthorized, "UNAUTHORIZED", err.Error())
-		return false
-	}
-	r.Header = r.Header.Clone()
-	if tok.Authorization == "" {
-		r.Header.Del("Authorization")
-	} else {
-		r.Header.Set("Authorization", tok.Authorization)
-	}
-	return true
 }
 
 // originAuth is how an origin authenticates, from its answer to an anonymous GET /v2/.
@@ -279,6 +202,35 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", err.Error())
 		return
 	}
+	// The only credential a token request may carry is a login, and it is bound to one
+	// registry before anything is sent anywhere (see credentials.go).
+	client := ""
+	if v := r.Header.Get("Authorization"); v != "" {
+		l, ok, err := bindLogin(s.router, v)
+		if !ok {
+			err = tokenError("token requests authenticate with Basic credentials or none")
+		}
+		if err != nil {
+			s.metrics.Request("token", metrics.ResultInvalid)
+			httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", err.Error())
+			return
+		}
+		if registry == "" { // a login check: no scope
+			registry = l.registry
+		}
+		if registry != l.registry {
+			s.metrics.Request("token", metrics.ResultDenied)
+			httpx.WriteError(w, http.StatusForbidden, "DENIED", errLoginForAnotherRegistry(l.registry, registry).Error())
+			return
+		}
+		client = l.authorization
+		if query.Has("account") {
+			query.Set("account", l.user)
+		}
+	}
+	if registry == "" {
+		registry, _, _ = s.router.SplitName("x") // an anonymous login check: the default registry
+	}
 	a, refusal, err := s.originAuth(r.Context(), registry)
 	if err != nil {
 		s.originUnavailable(w, &route.Request{Registry: registry}, "token", err)
@@ -295,19 +247,13 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if a.scheme == auth.BearerAuth {
-		s.relayOriginToken(w, r, registry, a, scopes, query)
-		return
-	}
-	client := r.Header.Get("Authorization")
-	if !isBasicOrNone(client) {
-		s.metrics.Request("token", metrics.ResultInvalid)
-		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", "token requests authenticate with Basic credentials or none")
+		s.relayOriginToken(w, r, registry, a, client, scopes, query)
 		return
 	}
 	if client != "" {
 		// Check the credentials now, so that a wrong password fails the login, not a
 		// later pull.
-		resp, err := s.origin.Do(r.Context(), http.MethodGet, registry, "/v2/", nil, r.Header, nil)
+		resp, err := s.origin.Do(r.Context(), http.MethodGet, registry, "/v2/", nil, http.Header{"Authorization": {client}}, nil)
 		if err != nil {
 			s.originUnavailable(w, &route.Request{Registry: registry}, "token", err)
 			return
@@ -328,7 +274,7 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 
 // parseTokenRequest validates a token request's query and maps its scopes to the origin's
 // naming. All scopes must name repositories of one registry; with none (a login check),
-// the registry is the default one. query keeps the parameters passed on to the origin's
+// registry is empty. query keeps the parameters passed on to the origin's
 // token service (account, client_id).
 func parseTokenRequest(rt route.Router, rawQuery string) (registry string, scopes []string, query url.Values, err error) {
 	if len(rawQuery) > 8<<10 {
@@ -352,11 +298,6 @@ func parseTokenRequest(rt route.Router, rawQuery string) (registry string, scope
 			}
 			registry = reg
 			scopes = append(scopes, mapped)
-		}
-	}
-	if registry == "" {
-		if registry, _, err = rt.SplitName("x"); err != nil {
-			return "", nil, nil, err
 		}
 	}
 	// offline_token is not passed on: a refresh token is spent with POST, which this
@@ -393,7 +334,7 @@ func mapScope(rt route.Router, scope string) (registry, mapped string, err error
 
 // relayOriginToken asks the origin's token service for scopes with the client's
 // credentials and relays the answer.
-func (s *Server) relayOriginToken(w http.ResponseWriter, r *http.Request, registry string, a originAuth, scopes []string, query url.Values) {
+func (s *Server) relayOriginToken(w http.ResponseWriter, r *http.Request, registry string, a originAuth, client string, scopes []string, query url.Values) {
 	u, err := url.Parse(a.realm)
 	if err != nil {
 		s.badOrigin(w, &route.Request{Registry: registry}, tokenError("origin named an invalid token realm"))
@@ -411,8 +352,8 @@ func (s *Server) relayOriginToken(w http.ResponseWriter, r *http.Request, regist
 	}
 	u.RawQuery = q.Encode()
 	h := http.Header{"Accept": {"application/json"}}
-	if v := r.Header.Get("Authorization"); v != "" {
-		h.Set("Authorization", v)
+	if client != "" {
+		h.Set("Authorization", client)
 	}
 	resp, err := s.origin.Get(r.Context(), u.String(), h)
 	if err != nil {
@@ -434,14 +375,49 @@ func (s *Server) relayOriginToken(w http.ResponseWriter, r *http.Request, regist
 		return
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxTokenResponse+1))
-	if err != nil || len(body) > maxTokenResponse || !json.Valid(body) {
-		s.badOrigin(w, &route.Request{Registry: registry}, tokenError("origin token service sent an unreadable answer"))
+	if err == nil && len(body) > maxTokenResponse {
+		err = tokenError("origin token service sent an answer over 1 MiB")
+	}
+	if err == nil {
+		body, err = bindOriginTokens(registry, body)
+	}
+	if err != nil {
+		s.badOrigin(w, &route.Request{Registry: registry}, err)
 		return
 	}
 	s.metrics.Request("token", metrics.ResultPassthrough)
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	_, _ = w.Write(body)
+}
+
+// bindOriginTokens rewrites an origin token service's answer so that the tokens in it
+// (token, access_token) are cove tokens bound to registry: a client holding one can use
+// it through cove-cache with that registry only, never have cove-cache present it to
+// another. A refresh token is dropped (cove-cache asks for none and answers no POST).
+func bindOriginTokens(registry string, body []byte) ([]byte, error) {
+	var answer map[string]json.RawMessage
+	if err := json.Unmarshal(body, &answer); err != nil {
+		return nil, tokenError("origin token service sent an unreadable answer")
+	}
+	delete(answer, "refresh_token")
+	n := 0
+	for _, k := range []string{"token", "access_token"} {
+		raw, ok := answer[k]
+		if !ok {
+			continue
+		}
+		var tok string
+		if err := json.Unmarshal(raw, &tok); err != nil || tok == "" || !isCarriable("Bearer "+tok) {
+			return nil, tokenError("origin token service sent an unusable " + k)
+		}
+		answer[k], _ = json.Marshal(coveToken{Registry: registry, Authorization: "Bearer " + tok}.encode())
+		n++
+	}
+	if n == 0 {
+		return nil, tokenError("origin token service sent no token")
+	}
+	return json.Marshal(answer)
 }
 
 func writeTokenJSON(w http.ResponseWriter, v any) {

@@ -21,11 +21,15 @@ func FuzzParseTokenRequest(f *testing.F) {
 		"scope=repository:a/../b:pull",
 	} {
 		f.Add(s, "Bearer cove1.eyJyIjoiZ2hjci5pbyJ9")
+		f.Add(s, "Basic Z2hjci5pby9hbGljZTpzZWNyZXQ=")
 	}
 	rt := route.Router{}
 	f.Fuzz(func(t *testing.T, query, authorization string) {
 		registry, scopes, rest, err := parseTokenRequest(rt, query)
-		if err == nil {
+		if err == nil && (registry != "") != (len(scopes) > 0) {
+			t.Fatalf("%q: registry %q for %d scopes", query, registry, len(scopes))
+		}
+		if err == nil && registry != "" {
 			if _, err := route.NormalizeHost(registry); err != nil {
 				t.Fatalf("%q: registry %q: %v", query, registry, err)
 			}
@@ -43,8 +47,13 @@ func FuzzParseTokenRequest(f *testing.F) {
 			}
 		}
 		tok, ok, err := decodeCoveToken(http.Header{"Authorization": {authorization}})
-		if ok && err == nil && (tok.Registry == "" || !isBasicOrNone(tok.Authorization)) {
+		if ok && err == nil && (tok.Registry == "" || !isCarriable(tok.Authorization)) {
 			t.Fatalf("%q: decoded to %+v", authorization, tok)
+		}
+		if l, ok, err := bindLogin(rt, authorization); ok && err == nil {
+			if _, err := route.NormalizeHost(l.registry); err != nil || l.user == "" || !isCarriable(l.authorization) {
+				t.Fatalf("%q: bound to %q as %q", authorization, l.registry, l.user)
+			}
 		}
 		_ = (&clientChallenge{realm: query, scope: authorization}).header(authorization)
 	})

@@ -182,24 +182,30 @@ func TestTokenBrokerBasicOrigin(t *testing.T) {
 	c := newAliasedCache(t, "registry.test", reg.Addr, nil)
 	host := strings.TrimPrefix(c.http.URL, "http://")
 	ref := host + "/registry.test/team/app"
-	if out, err := crane(t, c, "alice", "alice-secret-3x", "pull", "--format", "oci", ref+":v1", t.TempDir()); err != nil {
+	if out, err := crane(t, c, "registry.test/alice", "alice-secret-3x", "pull", "--format", "oci", ref+":v1", t.TempDir()); err != nil {
 		t.Fatalf("crane pull with the right password: %v: %s", err, out)
 	}
-	if got, err := crane(t, c, "alice", "alice-secret-3x", "digest", ref+":v1"); err != nil || got != img.Digest {
+	if got, err := crane(t, c, "registry.test/alice", "alice-secret-3x", "digest", ref+":v1"); err != nil || got != img.Digest {
 		t.Fatalf("crane digest: %q %v", got, err)
 	}
-	for _, who := range [][2]string{{"alice", "wrong"}, {"", ""}} {
+	for _, who := range [][2]string{{"registry.test/alice", "wrong"}, {"", ""}} {
 		if out, err := crane(t, c, who[0], who[1], "digest", ref+":v1"); err == nil {
 			t.Fatalf("crane digest as %q with password %q succeeded: %s", who[0], who[1], out)
 		}
 	}
 
 	// The token endpoint refuses wrong credentials before any pull.
-	resp, body, _ := doBasic(t, c.http.URL+"/token?scope=repository:registry.test/team/app:pull", "alice", "wrong")
+	resp, body, _ := doBasic(t, c.http.URL+"/token?scope=repository:registry.test/team/app:pull", "registry.test/alice", "wrong")
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("token with a wrong password: %d %s", resp.StatusCode, body)
 	}
+	// A plain user name is a login for the default registry (Docker Hub here), so it is
+	// refused for registry.test, before anything is sent.
 	resp, body, _ = doBasic(t, c.http.URL+"/token?scope=repository:registry.test/team/app:pull", "alice", "alice-secret-3x")
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(body), "log in to cove-cache as registry.test/") {
+		t.Fatalf("token for registry.test with a login for the default registry: %d %s", resp.StatusCode, body)
+	}
+	resp, body, _ = doBasic(t, c.http.URL+"/token?scope=repository:registry.test/team/app:pull", "registry.test/alice", "alice-secret-3x")
 	var tok struct{ Token string }
 	if resp.StatusCode != 200 || json.Unmarshal(body, &tok) != nil || tok.Token == "" {
 		t.Fatalf("token: %d %s", resp.StatusCode, body)
@@ -218,7 +224,7 @@ func TestTokenBrokerBasicOrigin(t *testing.T) {
 	forged := map[string]string{"Authorization": "Bearer cove1." + base64.RawURLEncoding.EncodeToString([]byte(`{"r":"registry.test","a":"Basic `+base64.StdEncoding.EncodeToString([]byte("alice:guess"))+`"}`))}
 	mustGet(t, c.http.URL+"/v2/registry.test/team/app/manifests/v1", forged, 401)
 	mustGet(t, c.http.URL+"/v2/registry.test/team/app/manifests/v1", map[string]string{"Authorization": "Bearer cove1.!!"}, 401)
-	// A token carrying anything but a Basic credential is malformed.
+	// A token carrying anything but one Authorization value is malformed.
 	smuggled := "Bearer cove1." + base64.RawURLEncoding.EncodeToString([]byte(`{"r":"registry.test","a":"Basic eA==\r\nX-Evil: 1"}`))
 	mustGet(t, c.http.URL+"/v2/registry.test/team/app/manifests/v1", map[string]string{"Authorization": smuggled}, 401)
 }
