@@ -145,7 +145,16 @@ func TestAttackHostileRealmIsOriginTokenService(t *testing.T) {
 	o := peers.StartTokenOrigin(t, tenantPasswords)
 	o.Push(t, "team-a/app:v1", 1, 4096)
 	e := startHostile(t, `Bearer realm="`+o.Tokens.Realm+`",service="`+o.Tokens.Service+`"`)
-	c := newAliasesCache(t, map[string]string{"registry.test": o.Addr, "evil.test": e.addr}, defaultRegistryTest)
+	var logs syncBuffer
+	c := newAliasesCache(t, map[string]string{"registry.test": o.Addr, "evil.test": e.addr}, func(cfg *server.Config) {
+		defaultRegistryTest(cfg)
+		debugLogs(&logs)(cfg)
+	})
+	defer func() {
+		assertNoSecrets(t, c, &logs, o.Tokens.Tokens(), map[string]string{
+			"team-a": tenantPasswords["team-a"], "registry.test/team-a": tenantPasswords["team-a"],
+		})
+	}()
 	host := strings.TrimPrefix(c.http.URL, "http://")
 	for _, user := range []string{"team-a", "registry.test/team-a"} {
 		t.Run(strings.ReplaceAll(user, "/", "_"), func(t *testing.T) {
@@ -186,7 +195,17 @@ func TestAttackTokenUsedForAnotherRegistry(t *testing.T) {
 	basic := peers.StartRegistry(t, peers.WithHtpasswd("alice", "alice-secret-3x"))
 	peers.PushRandomImage(t, basic.Addr, "team/app:v1", 1, 4096, peers.WithPushAuth("alice", "alice-secret-3x"))
 	e := startHostile(t, `Bearer realm="http://evil.test/token",service="evil"`)
-	c := newAliasesCache(t, map[string]string{"registry.test": o.Addr, "basic.test": basic.Addr, "evil.test": e.addr}, defaultRegistryTest)
+	var logs syncBuffer
+	c := newAliasesCache(t, map[string]string{"registry.test": o.Addr, "basic.test": basic.Addr, "evil.test": e.addr}, func(cfg *server.Config) {
+		defaultRegistryTest(cfg)
+		debugLogs(&logs)(cfg)
+	})
+	var handedOut []string
+	defer func() {
+		assertNoSecrets(t, c, &logs, append(handedOut, o.Tokens.Tokens()...), map[string]string{
+			"team-a": tenantPasswords["team-a"], "alice": "alice-secret-3x", "basic.test/alice": "alice-secret-3x",
+		})
+	}()
 
 	for _, tc := range []struct{ kind, registry, repo, user, password string }{
 		{"origin token", "registry.test", "team-a/app", "team-a", tenantPasswords["team-a"]},
@@ -198,6 +217,7 @@ func TestAttackTokenUsedForAnotherRegistry(t *testing.T) {
 			if resp.StatusCode != 200 || json.Unmarshal(body, &tok) != nil || tok.Token == "" {
 				t.Fatalf("token for %s: %d %s", tc.registry, resp.StatusCode, body)
 			}
+			handedOut = append(handedOut, tok.Token)
 			bearer := map[string]string{"Authorization": "Bearer " + tok.Token, "Accept": acceptManifests}
 			mustGet(t, c.http.URL+"/v2/"+tc.registry+"/"+tc.repo+"/manifests/v1", bearer, 200) // control
 			seen := e.count()
