@@ -28,7 +28,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./proxy/route
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRange$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./proxy/httpx
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePattern$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./proxy/origin
-	$(GO) test -run '^$$' -fuzz '^FuzzParseTokenRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./proxy/server
+	$(GO) test -run '^$$' -fuzz '^FuzzParseTokenRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./proxy/token
 
 # Benchmarks print ratios against anchors measured in the same run; see docs/benchmarks.md.
 bench: tools build

@@ -6,6 +6,7 @@
 package metrics
 
 import (
+	"net/http"
 	"strconv"
 	"sync"
 	"time"
@@ -149,4 +150,15 @@ func (l *labelLimiter) label(v string) string {
 	}
 	l.seen[v] = true
 	return v
+}
+
+// ResultForStatus is the metric result of relaying an origin's non-200 answer.
+func ResultForStatus(status int) string {
+	switch {
+	case status == http.StatusUnauthorized || status == http.StatusForbidden || status == http.StatusNotFound:
+		return ResultDenied
+	case status >= 500:
+		return ResultError
+	}
+	return ResultPassthrough
 }

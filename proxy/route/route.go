@@ -90,6 +90,10 @@ type Error struct {
 
 func (e *Error) Error() string { return e.Code + ": " + e.Message }
 
+// InvalidParameter classifies every routing error as errdefs' invalid argument: it is
+// the client's request that is wrong.
+func (e *Error) InvalidParameter() {}
+
 func errf(code, format string, args ...any) error {
 	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
 }

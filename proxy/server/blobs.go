@@ -72,7 +72,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, req *route.Re
 		s.originUnavailable(w, req, req.Kind.String(), dec.Err)
 		return false
 	}
-	s.metrics.Request(req.Kind.String(), resultForStatus(dec.Status))
+	s.metrics.Request(req.Kind.String(), metrics.ResultForStatus(dec.Status))
 	relay(w, r, dec.Status, dec.Header, nil)
 	return false
 }
@@ -218,7 +218,7 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 			if !started {
 				continue
 			}
-			s.metrics.Request("blob", resultForStatus(resp.Status))
+			s.metrics.Request("blob", metrics.ResultForStatus(resp.Status))
 			relay(w, r, resp.Status, resp.Header, bytesReader(resp.Body))
 			return
 		}

@@ -66,7 +66,7 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, req 
 		if resp.StatusCode == http.StatusUnauthorized {
 			s.authz.Refused(cred, repo, resp.Header)
 		}
-		s.metrics.Request("manifest", resultForStatus(resp.StatusCode))
+		s.metrics.Request("manifest", metrics.ResultForStatus(resp.StatusCode))
 		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return
 	}
@@ -172,7 +172,7 @@ func (s *Server) fetchManifest(w http.ResponseWriter, r *http.Request, req *rout
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		s.metrics.Request("manifest", resultForStatus(resp.StatusCode))
+		s.metrics.Request("manifest", metrics.ResultForStatus(resp.StatusCode))
 		relay(w, r, resp.StatusCode, resp.Header, io.LimitReader(resp.Body, maxManifestSize))
 		return
 	}

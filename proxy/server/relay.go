@@ -3,12 +3,12 @@ package server
 import (
 	"io"
 	"net/http"
-	"strings"
 
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
 	"github.com/cove-oci/cove/proxy/origin"
 	"github.com/cove-oci/cove/proxy/route"
+	"github.com/cove-oci/cove/proxy/token"
 )
 
 // relay writes an origin answer back to the client: status and allow-listed headers, and
@@ -17,7 +17,7 @@ import (
 func relay(w http.ResponseWriter, r *http.Request, status int, header http.Header, body io.Reader) {
 	httpx.CopyRelayed(w.Header(), header)
 	if status == http.StatusUnauthorized {
-		rewriteChallenge(r, w.Header())
+		token.RewriteChallenge(r, w.Header())
 	}
 	if r.Method == http.MethodHead {
 		w.WriteHeader(status)
@@ -25,7 +25,7 @@ func relay(w http.ResponseWriter, r *http.Request, status int, header http.Heade
 	}
 	if body == nil {
 		if status >= 400 {
-			code, msg := errorCode(status, r.URL.Path), "origin registry answered "+http.StatusText(status)
+			code, msg := httpx.ErrorCode(status, r.URL.Path), "origin registry answered "+http.StatusText(status)
 			if refused := header.Get(origin.RefusedHeader); refused != "" {
 				code, msg = "DENIED", refused // the origin policy, not the origin, said no
 			}
@@ -41,37 +41,6 @@ func relay(w http.ResponseWriter, r *http.Request, status int, header http.Heade
 		// A half-relayed body must look broken to the client, not complete.
 		panic(http.ErrAbortHandler)
 	}
-}
-
-func errorCode(status int, path string) string {
-	switch status {
-	case http.StatusUnauthorized:
-		return "UNAUTHORIZED"
-	case http.StatusForbidden:
-		return "DENIED"
-	case http.StatusNotFound:
-		if strings.Contains(path, "/manifests/") {
-			return "MANIFEST_UNKNOWN"
-		}
-		if strings.Contains(path, "/blobs/") {
-			return "BLOB_UNKNOWN"
-		}
-		return "NAME_UNKNOWN"
-	case http.StatusTooManyRequests:
-		return "TOOMANYREQUESTS"
-	}
-	return "UNKNOWN"
-}
-
-// resultForStatus is the metric result of relaying an origin's non-200 answer.
-func resultForStatus(status int) string {
-	switch {
-	case status == http.StatusUnauthorized || status == http.StatusForbidden || status == http.StatusNotFound:
-		return metrics.ResultDenied
-	case status >= 500:
-		return metrics.ResultError
-	}
-	return metrics.ResultPassthrough
 }
 
 // originUnavailable answers when the origin could not be asked. containerd moves on to

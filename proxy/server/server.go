@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -21,6 +20,7 @@ import (
 	"github.com/cove-oci/cove/proxy/origin"
 	"github.com/cove-oci/cove/proxy/route"
 	"github.com/cove-oci/cove/proxy/storage"
+	"github.com/cove-oci/cove/proxy/token"
 )
 
 // Config holds what a Server is built from.
@@ -72,9 +72,7 @@ type Server struct {
 	fills   *fill.Manager
 	metrics *metrics.Metrics
 	authz   *authz.Authorizer
-	auths   originAuths
-
-	externalURL string
+	tokens  *token.Broker
 
 	listedChecks chan struct{} // slots for checkListed
 	log          *slog.Logger
@@ -96,12 +94,8 @@ func New(cfg Config) (*Server, error) {
 		cfg.StallTimeout = 30 * time.Second
 	}
 	s := &Server{
-		store:  cfg.Storage,
-		router: route.Router{DefaultRegistry: cfg.DefaultRegistry},
-
-		auths: originAuths{m: map[string]originAuth{}},
-
-		externalURL:  strings.TrimSuffix(cfg.ExternalURL, "/"),
+		store:        cfg.Storage,
+		router:       route.Router{DefaultRegistry: cfg.DefaultRegistry},
 		listedChecks: make(chan struct{}, maxListedChecks),
 		log:          cfg.Logger,
 	}
@@ -146,6 +140,13 @@ func New(cfg Config) (*Server, error) {
 		opts = append(opts, origin.WithTransport(cfg.Transport))
 	}
 	s.origin = origin.New(opts...)
+	s.tokens = token.New(token.Config{
+		Router:      s.router,
+		Origin:      s.origin,
+		Metrics:     s.metrics,
+		Logger:      cfg.Logger,
+		ExternalURL: cfg.ExternalURL,
+	})
 	fills, err = fill.NewManager(filepath.Clean(cfg.SpoolDir), s.commitFill,
 		fill.WithStallTimeout(cfg.StallTimeout),
 		fill.WithLogger(cfg.Logger),
@@ -160,7 +161,7 @@ func New(cfg Config) (*Server, error) {
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("/v2/", s.serveDistribution)
 	s.mux.HandleFunc("/v2", s.serveDistribution)
-	s.mux.HandleFunc(TokenPath, s.serveToken)
+	s.mux.Handle(token.Path, s.tokens)
 	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	s.mux.HandleFunc("GET /readyz", s.serveReady)
@@ -223,9 +224,9 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 	if req.ViaNamespace {
 		w.Header().Set("Oci-Namespace", req.Registry)
 	} else {
-		r = s.withClientChallenge(r, req)
+		r = s.tokens.WithClientChallenge(r, req)
 	}
-	if !s.bindCredential(w, r, req) {
+	if !s.tokens.BindCredential(w, r, req) {
 		return
 	}
 	switch req.Kind {

@@ -1,4 +1,4 @@
-package server
+package token
 
 // Which registry a client's credential is for.
 //
@@ -34,11 +34,7 @@ import (
 	"github.com/cove-oci/cove/proxy/route"
 )
 
-type tokenError string
-
-func (e tokenError) Error() string { return string(e) }
-
-const errMalformedToken = tokenError("malformed cove-cache token")
+var errMalformedToken = httpx.Unauthenticated("malformed cove-cache token")
 
 // login is a Basic credential bound to one registry (see the top of this file).
 type login struct {
@@ -56,14 +52,14 @@ func bindLogin(rt route.Router, v string) (l login, ok bool, err error) {
 	}
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(cred))
 	if err != nil {
-		return login{}, true, tokenError("malformed Basic credential")
+		return login{}, true, httpx.InvalidArgument("malformed Basic credential")
 	}
 	user, password, err := splitLogin(rt, string(raw), &l)
 	if err != nil {
 		return login{}, true, err
 	}
 	if user == "" {
-		return login{}, true, tokenError("empty user name")
+		return login{}, true, httpx.InvalidArgument("empty user name")
 	}
 	l.user = user
 	l.authorization = "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+password))
@@ -78,14 +74,14 @@ func bindLogin(rt route.Router, v string) (l login, ok bool, err error) {
 func splitLogin(rt route.Router, raw string, l *login) (user, password string, err error) {
 	if first, rest, found := strings.Cut(raw, "/"); found && strings.Contains(rest, ":") && looksLikeRegistry(first) {
 		if l.registry, err = route.NormalizeHost(first); err != nil {
-			return "", "", tokenError("the user name names an invalid registry host")
+			return "", "", httpx.InvalidArgument("the user name names an invalid registry host")
 		}
 		user, password, _ = strings.Cut(rest, ":")
 		return user, password, nil
 	}
 	user, password, found := strings.Cut(raw, ":")
 	if !found {
-		return "", "", tokenError("malformed Basic credential")
+		return "", "", httpx.InvalidArgument("malformed Basic credential")
 	}
 	if l.registry, _, err = rt.SplitName("x"); err != nil {
 		return "", "", err
@@ -105,7 +101,7 @@ func looksLikeRegistry(first string) bool {
 // errLoginForAnotherRegistry is the refusal of a login used for a registry it is not
 // bound to. It names the login's registry, never the user or the credential.
 func errLoginForAnotherRegistry(bound, wanted string) error {
-	return tokenError("this login is for registry " + bound + ", not " + wanted +
+	return httpx.PermissionDenied("this login is for registry " + bound + ", not " + wanted +
 		": log in to cove-cache as " + wanted + "/<user> to pull from it (see docs/security.md)")
 }
 
@@ -162,19 +158,19 @@ func isCarriable(v string) bool {
 	return false
 }
 
-// bindCredential is where a request's credential is bound to the registry it names.
+// BindCredential is where a request's credential is bound to the registry it names.
 // A cove token is replaced by what it carries, if it was issued for req.Registry; a
 // login sent directly by a client that does not use ns= is used only for the registry
 // it is bound to, without the registry in its user name. Otherwise it answers 401
 // itself and returns false.
-func (s *Server) bindCredential(w http.ResponseWriter, r *http.Request, req *route.Request) bool {
+func (b *Broker) BindCredential(w http.ResponseWriter, r *http.Request, req *route.Request) bool {
 	tok, ok, err := decodeCoveToken(r.Header)
 	if ok {
 		if err == nil && tok.Registry != req.Registry {
-			err = tokenError("cove-cache token issued for another registry")
+			err = httpx.Unauthenticated("cove-cache token issued for another registry")
 		}
 		if err != nil {
-			s.refuseCredential(w, r, req, err)
+			b.refuseCredential(w, r, req, err)
 			return false
 		}
 		setAuthorization(r, tok.Authorization)
@@ -183,7 +179,7 @@ func (s *Server) bindCredential(w http.ResponseWriter, r *http.Request, req *rou
 	if req.ViaNamespace {
 		return true // the client names the origin itself and answers its challenges
 	}
-	l, ok, err := bindLogin(s.router, r.Header.Get("Authorization"))
+	l, ok, err := bindLogin(b.router, r.Header.Get("Authorization"))
 	if !ok {
 		return true
 	}
@@ -191,7 +187,7 @@ func (s *Server) bindCredential(w http.ResponseWriter, r *http.Request, req *rou
 		err = errLoginForAnotherRegistry(l.registry, req.Registry)
 	}
 	if err != nil {
-		s.refuseCredential(w, r, req, err)
+		b.refuseCredential(w, r, req, err)
 		return false
 	}
 	setAuthorization(r, l.authorization)
@@ -200,11 +196,11 @@ func (s *Server) bindCredential(w http.ResponseWriter, r *http.Request, req *rou
 
 // refuseCredential answers 401 invalid_token with cove-cache's challenge, so the client
 // fetches a new token (or reports the message).
-func (s *Server) refuseCredential(w http.ResponseWriter, r *http.Request, req *route.Request, err error) {
-	s.metrics.Request(req.Kind.String(), metrics.ResultDenied)
+func (b *Broker) refuseCredential(w http.ResponseWriter, r *http.Request, req *route.Request, err error) {
+	b.metrics.Request(req.Kind.String(), metrics.ResultDenied)
 	c, ok := r.Context().Value(clientChallengeKey{}).(*clientChallenge)
 	if !ok { // an ns= client sent a cove token: still point it at cove-cache's realm
-		c = &clientChallenge{realm: s.tokenRealm(r)}
+		c = &clientChallenge{realm: b.Realm(r)}
 	}
 	w.Header().Set("Www-Authenticate", c.header("invalid_token"))
 	httpx.WriteError(w, http.StatusUnauthorized, "UNAUTHORIZED", err.Error())
