@@ -36,8 +36,9 @@ const TokenAdmin = "admin"
 // WithTokenAuth trusts. Its policy is fixed:
 //
 //   - anyone, anonymous included, may pull public/*;
-//   - user U (any user given to StartTokenService but TokenAdmin) may pull U/*, so
-//     team-a may pull team-a/app and nothing of team-b's;
+//   - user U (any user given to StartTokenService but TokenAdmin) may pull and push U/*,
+//     so team-a may pull and push team-a/app and nothing of team-b's (a tenant with push
+//     rights to its own repositories, as attack tests need);
 //   - TokenAdmin may do everything it asks for (push, pull, delete, *) on every
 //     repository.
 //
@@ -264,13 +265,13 @@ func (s *TokenService) allows(user, typ, name, action string) bool {
 	if user == TokenAdmin {
 		return true
 	}
-	if typ != "repository" || action != "pull" {
+	if typ != "repository" {
 		return false
 	}
-	if strings.HasPrefix(name, "public/") {
+	if action == "pull" && strings.HasPrefix(name, "public/") {
 		return true
 	}
-	return user != "" && strings.HasPrefix(name, user+"/")
+	return (action == "pull" || action == "push") && user != "" && strings.HasPrefix(name, user+"/")
 }
 
 // parseScope splits "repository:team-a/app:pull,push" (the name may hold a port colon

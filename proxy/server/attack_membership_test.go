@@ -167,7 +167,11 @@ func TestAttackPlantedMembership(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			tag := "plant-" + sha([]byte(tc.name))[7:19]
 			body := plantingManifest(t, o.Addr, tc.base, peers.TokenAdmin, admin, tc.edit)
-			putManifest(t, o.Addr, tc.repo+":"+tag, types.OCIManifestSchema1, body, peers.TokenAdmin, admin) // B's own push
+			pusher := tc.user // B pushes into its own repository with its own rights
+			if pusher == "" {
+				pusher = peers.TokenAdmin // a public repository's maintainer; anonymous reads
+			}
+			putManifest(t, o.Addr, tc.repo+":"+tag, types.OCIManifestSchema1, body, pusher, o.Passwords[pusher])
 			hdr := tokenHeader(t, o, tc.user, "repository:"+tc.repo+":pull")
 			if _, got := mustGet(t, c.url(o.Addr, "/v2/"+tc.repo+"/manifests/"+tag), hdr, 200); string(got) != string(body) {
 				t.Fatal("the planting manifest did not come back as pushed")
