@@ -45,7 +45,8 @@ func (p Pattern) String() string { return p.raw }
 // ParsePattern parses a rule: "10.20.0.0/16", "fd00::/8", "10.1.2.3" (one address),
 // "registry.local", "registry.local:5000", "*.corp.example", "[fd00::1]:5000". In a host
 // glob, "*" matches within one label, except a leading "*." which matches one or more
-// labels; a rule without a port matches every port.
+// labels, and "*" alone, which matches every name (address literals included); a rule
+// without a port matches every port.
 func ParsePattern(s string) (Pattern, error) {
 	raw := s
 	s = strings.ToLower(strings.TrimSpace(s))
@@ -95,7 +96,7 @@ func ParsePattern(s string) (Pattern, error) {
 				return Pattern{}, fmt.Errorf("character %q not allowed in a host glob", c)
 			}
 		}
-		if i == 0 && l == "*" && len(labels) > 1 {
+		if i == 0 && l == "*" { // "*.x": one or more labels; "*" alone: every name
 			labels[0] = "**"
 		}
 	}
