@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -57,6 +58,27 @@ func (r *rig) count(k string) int {
 	return r.served[k]
 }
 
+// awaitCount waits up to 5 s for count(k) to reach want, and returns what it is then.
+// The mirror reports where it served a request from after the body's last byte, so a
+// client can have its whole answer a moment before the report.
+func (r *rig) awaitCount(k string, want int) int {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		n := r.count(k)
+		if n >= want || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// servedSoFar is a copy of what was served from where, for a failure message.
+func (r *rig) servedSoFar() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.served)
+}
+
 func blobsOf(img peers.Image) []string { return append([]string{img.Config}, img.Layers...) }
 
 // A cove-cache that hangs once it has served the manifest (it accepts the prefill's
@@ -86,8 +108,8 @@ func TestPrefillLetsGoOfHungCache(t *testing.T) {
 			t.Fatalf("blob %s: %s, %v", d, got, err)
 		}
 	}
-	if n := r.count("origin/breaker-open"); n != len(blobsOf(r.img)) {
-		t.Fatalf("served %v; want every blob from the origin, the breaker open", r.served)
+	if n := r.awaitCount("origin/breaker-open", len(blobsOf(r.img))); n != len(blobsOf(r.img)) {
+		t.Fatalf("served %v; want every blob from the origin, the breaker open", r.servedSoFar())
 	}
 	waitIdle(t, r.prefill.Fills())
 	t.Logf("manifest body after %s", held.Round(time.Millisecond))
@@ -116,8 +138,8 @@ func TestJoinedPrefillOfStallingCacheResumes(t *testing.T) {
 	if err := <-manifest; err != nil {
 		t.Fatal(err)
 	}
-	if r.count("origin/stall") != 1 {
-		t.Fatalf("served %v; want the joined blob finished from the origin", r.served)
+	if r.awaitCount("origin/stall", 1) != 1 {
+		t.Fatalf("served %v; want the joined blob finished from the origin", r.servedSoFar())
 	}
 	if n := fc.BlobGETs()[layer]; n != 1 {
 		t.Fatalf("cove-cache saw %d GETs of the joined blob, want 1 (the prefill's)", n)
@@ -197,8 +219,8 @@ func TestPrefillSlotLastsTheBody(t *testing.T) {
 	if got, err := r.get(t, "/v2/team/app/blobs/"+queued); err != nil || got != queued {
 		t.Fatalf("queued blob asked for: %s, %v", got, err)
 	}
-	if r.count("prefill") != 1 {
-		t.Fatalf("served %v; want the asked-for blob served from its prefill", r.served)
+	if r.awaitCount("prefill", 1) != 1 {
+		t.Fatalf("served %v; want the asked-for blob served from its prefill", r.servedSoFar())
 	}
 	close(gate)
 	if err := <-manifest; err != nil {
