@@ -38,6 +38,21 @@ type Driver interface {
 	GetRecord(ctx context.Context, key string) ([]byte, error)
 	// DeleteRecord removes a record; deleting an absent record returns ErrNotFound.
 	DeleteRecord(ctx context.Context, key string) error
+
+	// Walk calls fn for every stored blob, in no set order, until fn returns an error
+	// (which Walk returns). Blobs stored or deleted during a walk may or may not be seen.
+	// Eviction and usage accounting list the store with it.
+	Walk(ctx context.Context, fn func(BlobInfo) error) error
+	// ListRecords calls fn with the key of every record whose key starts with prefix
+	// (a whole key segment or more: "membership/" or "membership/reg/"), in no set
+	// order, until fn returns an error (which ListRecords returns).
+	ListRecords(ctx context.Context, prefix string, fn func(key string) error) error
+}
+
+// BlobInfo describes a stored blob.
+type BlobInfo struct {
+	Digest digest.Digest
+	Size   int64
 }
 
 // Blob is an open stored blob. ReadAt and Seek make ranges cheap; readers over remote
@@ -62,6 +77,15 @@ func Verify(dgst digest.Digest) error {
 		return fmt.Errorf("%w: %v", errdefs.ErrInvalidArgument, err)
 	}
 	return nil
+}
+
+// ValidatePrefix checks a ListRecords prefix: empty (every record), or a key or the
+// start of one, optionally ending in "/".
+func ValidatePrefix(prefix string) error {
+	if prefix == "" {
+		return nil
+	}
+	return ValidateKey(strings.TrimSuffix(prefix, "/"))
 }
 
 // ValidateKey checks a record key: slash-separated segments of [A-Za-z0-9._:@+-], no

@@ -24,6 +24,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
@@ -235,6 +236,82 @@ func (d *Driver) DeleteRecord(_ context.Context, key string) error {
 		return classify(err, "record "+key)
 	}
 	return nil
+}
+
+// Walk lists blobs/<algorithm>/<encoded>. Names that are not a valid digest (none are
+// written) are skipped.
+func (d *Driver) Walk(ctx context.Context, fn func(storage.BlobInfo) error) error {
+	algs, err := os.ReadDir(filepath.Join(d.root, "blobs"))
+	if err != nil {
+		return err
+	}
+	for _, alg := range algs {
+		if !alg.IsDir() {
+			continue
+		}
+		dir := filepath.Join(d.root, "blobs", alg.Name())
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			dgst := digest.NewDigestFromEncoded(digest.Algorithm(alg.Name()), e.Name())
+			if !e.Type().IsRegular() || storage.Verify(dgst) != nil {
+				continue
+			}
+			fi, err := e.Info()
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // deleted since the listing
+			}
+			if err != nil {
+				return err
+			}
+			if err := fn(storage.BlobInfo{Digest: dgst, Size: fi.Size()}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// ListRecords walks records/<prefix...>.
+func (d *Driver) ListRecords(ctx context.Context, prefix string, fn func(key string) error) error {
+	if err := storage.ValidatePrefix(prefix); err != nil {
+		return err
+	}
+	base := filepath.Join(d.root, "records")
+	// Start at the deepest directory the prefix names whole, and filter the rest.
+	start := base
+	if i := strings.LastIndexByte(prefix, '/'); i >= 0 {
+		start = filepath.Join(base, filepath.FromSlash(prefix[:i]))
+	}
+	err := filepath.WalkDir(start, func(path string, e fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if e.IsDir() {
+			return nil
+		}
+		rel, err := filepath.Rel(base, path)
+		if err != nil {
+			return err
+		}
+		key := filepath.ToSlash(rel)
+		if !strings.HasPrefix(key, prefix) {
+			return nil
+		}
+		return fn(key)
+	})
+	return err
 }
 
 // writeAtomic writes a temporary file with fill, syncs it, and renames it to final.

@@ -29,6 +29,8 @@ func Run(t *testing.T, newDriver func(t *testing.T) storage.Driver) {
 	t.Run("Records", func(t *testing.T) { testRecords(t, newDriver(t)) })
 	t.Run("InvalidRecordKeys", func(t *testing.T) { testInvalidRecordKeys(t, newDriver(t)) })
 	t.Run("Empty", func(t *testing.T) { testEmptyBlob(t, newDriver(t)) })
+	t.Run("Walk", func(t *testing.T) { testWalk(t, newDriver(t)) })
+	t.Run("ListRecords", func(t *testing.T) { testListRecords(t, newDriver(t)) })
 }
 
 // RandomBlob returns n random bytes and their digest.
