@@ -138,7 +138,9 @@ func TestAttackPlantedMembership(t *testing.T) {
 	imgA := o.Push(t, "team-a/app:v1", 1, 64<<10)
 	imgB := o.Push(t, "team-b/app:v1", 1, 4096)
 	imgP := o.Push(t, "public/app:v1", 1, 4096)
-	c := newCache(t, o.Addr)
+	var logs syncBuffer
+	c := newCacheWith(t, debugLogs(&logs), o.Addr)
+	defer func() { assertNoSecrets(t, c, &logs, o.Tokens.Tokens(), o.Passwords) }()
 	pullThrough(t, c, o.Addr, "team-a/app", "v1", imgA, tokenHeader(t, o, "team-a", "repository:team-a/app:pull"))
 
 	layer := map[string]any{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": imgA.Layers[0], "size": 1}
