@@ -269,7 +269,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		var rerr *route.Error
 		if errors.As(err, &rerr) {
-			httpx.WriteError(w, http.StatusBadRequest, rerr.Code, rerr.Message)
+			httpx.WriteError(w, rerr.Status(), rerr.Code, rerr.Message)
 			return
 		}
 		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", "invalid request")

@@ -91,7 +91,9 @@ func ParseRange(header string, size int64) (r ByteRange, ok bool, err error) {
 			return ByteRange{}, false, err
 		}
 		if end < start {
-			return ByteRange{}, false, ErrRangeMalformed
+			// RFC 9110 would let a server ignore such a range; the distribution spec's
+			// conformance suite wants 416 for it (bytes=500-0), as distribution answers.
+			return ByteRange{}, false, ErrRangeUnsatisfiable
 		}
 	}
 	if size >= 0 {

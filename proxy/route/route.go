@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
@@ -84,11 +85,23 @@ type Request struct {
 
 // Error is a client error with the distribution error code that describes it.
 type Error struct {
-	Code    string // NAME_INVALID, TAG_INVALID, DIGEST_INVALID, UNSUPPORTED, NAME_UNKNOWN
+	Code    string // NAME_INVALID, MANIFEST_UNKNOWN (a reference that cannot be a tag), DIGEST_INVALID, UNSUPPORTED, NAME_UNKNOWN
 	Message string
 }
 
 func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+// Status is the HTTP status a routing error is answered with: 404 for paths the API does
+// not have and for manifest references that cannot be a tag (no manifest has such a
+// name: distribution answers 404, and the distribution spec's conformance suite wants
+// it), 400 for every other malformed part.
+func (e *Error) Status() int {
+	switch e.Code {
+	case "UNSUPPORTED", "MANIFEST_UNKNOWN":
+		return http.StatusNotFound
+	}
+	return http.StatusBadRequest
+}
 
 // InvalidParameter classifies every routing error as errdefs' invalid argument: it is
 // the client's request that is wrong.
@@ -246,14 +259,14 @@ var errTagGrammar = errors.New("tag must match [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}
 
 func (req *Request) setTag(tag string) error {
 	if tag == "" || len(tag) > maxTagLen {
-		return errf("TAG_INVALID", "%v", errTagGrammar)
+		return errf("MANIFEST_UNKNOWN", "%v", errTagGrammar)
 	}
 	named, err := reference.WithName("x")
 	if err != nil {
 		return err
 	}
 	if _, err := reference.WithTag(named, tag); err != nil {
-		return errf("TAG_INVALID", "%v", errTagGrammar)
+		return errf("MANIFEST_UNKNOWN", "%v", errTagGrammar)
 	}
 	req.Tag = tag
 	return nil

@@ -205,11 +205,7 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 		s.metrics.Request("unknown", metrics.ResultInvalid)
 		var rerr *route.Error
 		if errors.As(err, &rerr) {
-			status := http.StatusBadRequest
-			if rerr.Code == "UNSUPPORTED" {
-				status = http.StatusNotFound
-			}
-			httpx.WriteError(w, status, rerr.Code, rerr.Message)
+			httpx.WriteError(w, rerr.Status(), rerr.Code, rerr.Message)
 			return
 		}
 		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", "invalid request")

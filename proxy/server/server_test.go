@@ -397,7 +397,7 @@ func TestInvalidRequests(t *testing.T) {
 		{"GET", "/v2/Team/app/manifests/v1" + ns, 400, "NAME_INVALID"},
 		{"GET", "/v2/team/app/manifests/v1?ns=evil.example%2Fx", 400, "NAME_INVALID"},
 		{"GET", "/v2/team/app/blobs/sha256:1234" + ns, 400, "DIGEST_INVALID"},
-		{"GET", "/v2/team/app/manifests/.bad" + ns, 400, "TAG_INVALID"},
+		{"GET", "/v2/team/app/manifests/.bad" + ns, 404, "MANIFEST_UNKNOWN"},
 		{"GET", "/v2/team/app/whatever/x" + ns, 404, "UNSUPPORTED"},
 		{"PUT", "/v2/team/app/manifests/v1" + ns, 405, "UNSUPPORTED"},
 		{"POST", "/v2/team/app/blobs/uploads/" + ns, 404, "UNSUPPORTED"},
