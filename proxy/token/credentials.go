@@ -44,7 +44,7 @@ type login struct {
 }
 
 // bindLogin reads the Basic credential of an Authorization value. ok is false when v is
-// not a Basic credential; err is set when it is one that cannot be read.
+// not a Basic credential, or an empty one; err is set when it is one that cannot be read.
 func bindLogin(rt route.Router, v string) (l login, ok bool, err error) {
 	scheme, cred, found := strings.Cut(v, " ")
 	if !found || !strings.EqualFold(scheme, "Basic") {
@@ -53,6 +53,11 @@ func bindLogin(rt route.Router, v string) (l login, ok bool, err error) {
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(cred))
 	if err != nil {
 		return login{}, true, httpx.InvalidArgument("malformed Basic credential")
+	}
+	if string(raw) == ":" {
+		// No user and no password: what some clients (the OCI conformance suite) send
+		// when they have no credential. It is anonymous, not a login.
+		return login{}, false, nil
 	}
 	user, password, err := splitLogin(rt, string(raw), &l)
 	if err != nil {

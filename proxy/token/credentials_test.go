@@ -29,6 +29,8 @@ func TestBindLogin(t *testing.T) {
 		{name: "a slash in a plain user name", defaultRegistry: "registry.test", header: basic("team/alice:pw"), ok: true, registry: "registry.test", user: "team/alice", sent: "team/alice:pw"},
 		{name: "bearer is no login", header: "Bearer abc", ok: false},
 		{name: "none", header: "", ok: false},
+		{name: "empty user and password: anonymous", header: basic(":"), ok: false},
+		{name: "empty user with a password", header: basic(":pw"), ok: true, err: "empty user name"},
 		{name: "undecodable", header: "Basic !!!", ok: true, err: "malformed Basic credential"},
 		{name: "no colon", header: basic("alice"), ok: true, err: "malformed Basic credential"},
 		{name: "empty user after the registry", header: basic("ghcr.io/:pw"), ok: true, err: "empty user name"},
