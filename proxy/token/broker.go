@@ -173,7 +173,7 @@ func (b *Broker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The only credential a token request may carry is a login, and it is bound to one
 	// registry before anything is sent anywhere (see credentials.go).
 	client := ""
-	if v := r.Header.Get("Authorization"); v != "" {
+	if v := r.Header.Get("Authorization"); v != "" && !isEmptyBasic(v) {
 		l, ok, err := bindLogin(b.router, v)
 		if !ok {
 			err = invalidRequest("token requests authenticate with Basic credentials or none")

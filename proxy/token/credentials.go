@@ -50,14 +50,12 @@ func bindLogin(rt route.Router, v string) (l login, ok bool, err error) {
 	if !found || !strings.EqualFold(scheme, "Basic") {
 		return login{}, false, nil
 	}
+	if isEmptyBasic(v) {
+		return login{}, false, nil
+	}
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(cred))
 	if err != nil {
 		return login{}, true, httpx.InvalidArgument("malformed Basic credential")
-	}
-	if string(raw) == ":" {
-		// No user and no password: what some clients (the OCI conformance suite) send
-		// when they have no credential. It is anonymous, not a login.
-		return login{}, false, nil
 	}
 	user, password, err := splitLogin(rt, string(raw), &l)
 	if err != nil {
@@ -69,6 +67,14 @@ func bindLogin(rt route.Router, v string) (l login, ok bool, err error) {
 	l.user = user
 	l.authorization = "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+password))
 	return l, true, nil
+}
+
+// isEmptyBasic reports whether v is a Basic credential with no user and no password:
+// what some clients (the OCI conformance suite) send when they have none. It is
+// anonymous, not a login.
+func isEmptyBasic(v string) bool {
+	scheme, cred, found := strings.Cut(v, " ")
+	return found && strings.EqualFold(scheme, "Basic") && strings.TrimSpace(cred) == base64.StdEncoding.EncodeToString([]byte(":"))
 }
 
 // splitLogin splits a decoded Basic credential into user and password, setting
