@@ -50,7 +50,7 @@ func TestConformanceAnswersAsTheOrigin(t *testing.T) {
 	}
 	// The suite's ping answers cove-cache's challenge with an empty Basic credential
 	// (no user, no password): anonymous, so it gets a token.
-	if resp, body, err := doBasic(t, c.http.URL+"/token?service=cove", "", ""); err != nil || resp.StatusCode != http.StatusOK {
+	if resp, body, err := doBasic(t, c.http.URL+"/token?service=cove&scope=repository:"+origin.Addr+"/team/app:pull", "", ""); err != nil || resp.StatusCode != http.StatusOK {
 		t.Errorf("token for an empty Basic credential: %v %v %.200s, want 200", err, resp.StatusCode, body)
 	}
 }
