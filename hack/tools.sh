@@ -13,6 +13,9 @@ CONTAINERD_VERSION=v2.3.4
 REGISTRY_VERSION=v3.0.0
 CRANE_VERSION=v0.22.1
 CRICTL_VERSION=v1.34.0
+# MinIO publishes no semver tags on the module proxy: pin the pseudo-version that
+# @latest resolved to (a commit of 2026-02-12); it builds with this Go.
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 
 # need NAME VERSION: true when NAME at VERSION is not built yet.
 need() {
@@ -84,6 +87,14 @@ if need crictl "$CRICTL_VERSION"; then
   # Module zips carry no vendor/ directory; dependencies come from cri-tools' go.sum.
   (cd "$work" && go build -o "$BIN/crictl" ./cmd/crictl)
   done_ crictl "$CRICTL_VERSION"
+fi
+
+if need minio "$MINIO_VERSION"; then
+  # Real S3-compatible storage for the S3 backend's tests (about 3 minutes). MinIO is
+  # AGPL: it only ever runs as a separate process (internal/peers.StartMinIO).
+  echo "tools: building minio $MINIO_VERSION"
+  CGO_ENABLED=0 go install "github.com/minio/minio@$MINIO_VERSION"
+  done_ minio "$MINIO_VERSION"
 fi
 
 echo "tools: all in $BIN"
