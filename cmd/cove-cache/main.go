@@ -25,7 +25,6 @@ import (
 	"github.com/cove-oci/cove/proxy/origin"
 	"github.com/cove-oci/cove/proxy/route"
 	"github.com/cove-oci/cove/proxy/server"
-	"github.com/cove-oci/cove/proxy/storage/filesystem"
 )
 
 const usage = `cove-cache: a cluster-wide pull-through cache for container images and OCI artifacts.
@@ -74,6 +73,7 @@ type options struct {
 	logFormat       string
 	tlsCert         string
 	tlsKey          string
+	s3              s3Options
 }
 
 func defaultStorageDir() string {
@@ -105,6 +105,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "serve HTTPS with this PEM certificate (chain) `FILE`, reloaded when it changes; needs --tls-key")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM private key `FILE` of --tls-cert, reloaded when it changes")
+	o.s3.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -119,6 +120,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	}
 	if o.storageDir == "" {
 		return nil, errors.New("--storage-dir must not be empty")
+	}
+	if err := o.s3.validate(); err != nil {
+		return nil, err
 	}
 	for i, h := range o.plainHTTP {
 		norm, err := route.NormalizeHost(h)
@@ -175,26 +179,19 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
 		return 2
 	}
-	store, err := filesystem.New(o.storageDir)
-	var locked *filesystem.LockedError
-	if errors.As(err, &locked) {
-		// Another cove-cache on this directory: starting would discard its fills in flight.
-		log.Error("storage directory in use by another process: give each cove-cache its own --storage-dir",
-			"dir", locked.Dir, "pid", locked.PID, "error", err)
+	opened, ok := openStorage(context.Background(), o, log)
+	if !ok {
 		return 1
 	}
-	if err != nil {
-		log.Error("opening storage failed", "dir", o.storageDir, "error", err)
-		return 1
-	}
-	defer store.Close()
+	defer opened.closer.Close()
+	store := opened.store
 	authzTTL := o.authzTTL
 	if authzTTL == 0 {
 		authzTTL = -1 // Config's zero means the default; the flag's zero means never reuse
 	}
 	srv, err := server.New(server.Config{
 		Storage:         store,
-		SpoolDir:        filepath.Join(store.Root(), "spool"),
+		SpoolDir:        opened.spoolDir,
 		PlainHTTP:       o.plainHTTP,
 		DefaultRegistry: o.defaultRegistry,
 		ExternalURL:     o.externalURL,
@@ -244,7 +241,7 @@ func serve(args []string, stderr io.Writer) int {
 	} else {
 		go func() { errc <- hs.Serve(ln) }()
 	}
-	log.Info("cove-cache serving", "addr", ln.Addr().String(), "scheme", scheme, "storage_dir", store.Root(), "version", version.Version)
+	log.Info("cove-cache serving", append([]any{"addr", ln.Addr().String(), "scheme", scheme, "version", version.Version}, opened.attrs...)...)
 	select {
 	case err := <-errc:
 		log.Error("server stopped", "error", err)
