@@ -7,6 +7,11 @@
 // against its digest and size, so no client ever receives a complete body that is wrong:
 // a truncated or corrupt fill ends every reader with an error instead.
 //
+// When the store cannot take the blob (the spool cannot be created or written, or the
+// reservation is refused), the fill passes it through: it keeps streaming from the origin
+// to its readers through a bounded window of the most recent bytes (see window.go), and
+// stores nothing. The next fill tries the store again.
+//
 // Fills run on their own context: a client that disconnects does not cancel the fetch
 // for the others. Storage sees the blob only after verification, through the Commit hook.
 package fill
@@ -15,15 +20,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"math"
 	"net/http"
 	"os"
 	"sync"
 	"time"
 
-	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -33,6 +35,12 @@ type FetchFunc func(ctx context.Context) (*http.Response, error)
 // CommitFunc stores a verified fill. spoolPath holds exactly the blob; the hook may move
 // it (the spool file descriptor stays valid for readers still streaming).
 type CommitFunc func(ctx context.Context, f *Fill, spoolPath string) error
+
+// ReserveFunc reserves room in the store for a blob of size bytes before a fill spools it. An error means the blob is not stored: the fill passes it through to its clients. release is called exactly once when the fill ends, with stored reporting whether the blob was committed.
+//
+// size is -1 when the origin sent no Content-Length. The fill waits for the answer
+// before its clients get any byte, so the function should answer quickly.
+type ReserveFunc func(ctx context.Context, key Key, size int64) (release func(stored bool), err error)
 
 // Key identifies a fill. The registry is part of it: bytes fetched from one registry are
 // never handed to a client asking another (provenance).
@@ -45,11 +53,16 @@ type Key struct {
 type Manager struct {
 	dir          string
 	commit       CommitFunc
+	reserve      ReserveFunc
 	stallTimeout time.Duration
 	bufSize      int
+	window       int // bytes a pass-through fill keeps for its readers
+	lag          time.Duration
 	log          *slog.Logger
 	onBytes      func(registry string, n int)
 	onDone       func(f *Fill, err error)
+	events       Events
+	health       health
 
 	mu    sync.Mutex
 	fills map[Key]*Fill
@@ -72,6 +85,28 @@ func WithOriginBytes(fn func(registry string, n int)) Option {
 // WithDone is called once per fill when it ends, with nil for a verified blob.
 func WithDone(fn func(f *Fill, err error)) Option { return func(m *Manager) { m.onDone = fn } }
 
+// WithReserve has every fill reserve room in the store once the origin's size is known,
+// before it spools; a refusal passes the blob through unstored.
+func WithReserve(fn ReserveFunc) Option { return func(m *Manager) { m.reserve = fn } }
+
+// WithPassThroughWindow sets how many of the most recent bytes a pass-through fill keeps
+// in memory for its readers (default 4 MiB, at least 64 KiB). It is the memory such a
+// fill costs, whatever the blob's size.
+func WithPassThroughWindow(n int) Option {
+	return func(m *Manager) { m.window = max(n, 64<<10) }
+}
+
+// WithPassThroughLag sets how long a pass-through fill waits for a reader about to fall
+// out of its window before it cuts that reader off (default 2 s; 0: at once). The fill
+// goes as fast as its slowest reader that keeps moving; a reader that stops for longer
+// is cut off, and its client resumes with a Range request.
+func WithPassThroughLag(d time.Duration) Option {
+	return func(m *Manager) { m.lag = max(d, 0) }
+}
+
+// WithEvents sets the hooks the store's health metrics are made of.
+func WithEvents(ev Events) Option { return func(m *Manager) { m.events = ev } }
+
 // NewManager spools fills under dir (emptied first: leftovers of a crash are never
 // trusted) and stores verified blobs with commit.
 func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error) {
@@ -86,6 +121,8 @@ func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error)
 		commit:       commit,
 		stallTimeout: 30 * time.Second,
 		bufSize:      1 << 20,
+		window:       4 << 20,
+		lag:          2 * time.Second,
 		log:          slog.Default(),
 		fills:        map[Key]*Fill{},
 	}
@@ -99,9 +136,17 @@ func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error)
 // says whether this call started it (the caller's credentials made the origin request).
 // The caller must Release the fill when done reading.
 func (m *Manager) Join(key Key, owner string, fetch FetchFunc) (f *Fill, started bool) {
+	return m.JoinAt(key, owner, 0, fetch)
+}
+
+// JoinAt is Join for a caller that will read from byte from on. A fill passing its blob
+// through can serve only readers whose bytes are still in its spool or window: for any
+// other, JoinAt starts a fresh fill (a new origin fetch, which tries the store again)
+// and makes it the one later callers join; the old fill goes on for its own readers.
+func (m *Manager) JoinAt(key Key, owner string, from int64, fetch FetchFunc) (f *Fill, started bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if f := m.fills[key]; f != nil {
+	if f := m.fills[key]; f != nil && f.serves(from) {
 		f.refs++
 		return f, false
 	}
@@ -114,6 +159,7 @@ func (m *Manager) Join(key Key, owner string, fetch FetchFunc) (f *Fill, started
 		settled: make(chan struct{}),
 		size:    -1,
 		started: time.Now(),
+		readers: map[*reader]struct{}{},
 	}
 	m.fills[key] = f
 	go f.run(fetch)
@@ -149,10 +195,12 @@ type Response struct {
 }
 
 // ErrFailed wraps every error that ends a fill; ErrRefused, a fill whose origin answered
-// with something other than 200 (a 401 challenge, a 404).
+// with something other than 200 (a 401 challenge, a 404). ErrBehind ends a reader that
+// fell behind a pass-through fill's window: the fill goes on, the client resumes.
 var (
 	ErrFailed  = errors.New("fill failed")
 	ErrRefused = errors.New("origin refused the fill")
+	ErrBehind  = errors.New("reader fell behind the pass-through window")
 )
 
 // Fill is one origin fetch of one blob.
@@ -167,14 +215,22 @@ type Fill struct {
 	settled chan struct{} // closed when the fill has ended and its commit, if any, is done
 
 	mu       sync.Mutex
-	refs     int
+	refs     int           // guarded by m.mu
 	changed  chan struct{} // closed and replaced at every change
 	resp     *Response     // set once the origin answered
 	size     int64         // from Content-Length; -1 until known
-	written  int64         // bytes in the spool
+	received int64         // bytes received from the origin (readable, but for the last)
+	spooled  int64         // bytes in the spool file: all received ones unless passing through
 	verified bool          // the whole body matched digest and size
 	err      error         // terminal failure
 	file     *os.File
+
+	// Passing through (see window.go).
+	pass     bool                 // the store did not take the blob: nothing more is spooled
+	win      *window              // the most recent bytes, for readers past the spool
+	readers  map[*reader]struct{} // active readers, for the window's flow control
+	waiting  bool                 // the fill waits for readers to move
+	progress chan struct{}        // closed when a reader moves while the fill waits
 }
 
 // Release drops the caller's reference; the spool is closed when the last one goes.
@@ -187,6 +243,7 @@ func (f *Fill) Release() {
 		f.mu.Lock()
 		file := f.file
 		f.file = nil
+		f.win = nil // the window's memory goes with the last reader
 		f.mu.Unlock()
 		if file != nil {
 			file.Close()
@@ -251,135 +308,19 @@ func (f *Fill) Done() (bool, error) {
 	return f.verified || f.err != nil, f.err
 }
 
-// NewReader reads bytes [off, off+n) of the blob as they arrive (n < 0: to the end). A
-// failed fill ends the read with an error wrapping ErrFailed, never with a clean EOF.
-func (f *Fill) NewReader(ctx context.Context, off, n int64) io.Reader {
-	end := off + n
-	if n < 0 {
-		end = math.MaxInt64
-	}
-	return &reader{f: f, ctx: ctx, off: off, end: end}
+// PassingThrough reports whether the store did not take this fill's blob: it is streamed
+// to its readers and not stored.
+func (f *Fill) PassingThrough() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.pass
 }
 
-type reader struct {
-	f        *Fill
-	ctx      context.Context
-	off, end int64
-}
+// Settled is closed when the fill has ended: failed, or verified and committed.
+func (f *Fill) Settled() <-chan struct{} { return f.settled }
 
-func (r *reader) Read(p []byte) (int, error) {
-	if r.off >= r.end {
-		return 0, io.EOF
-	}
-	avail, err := r.wait()
-	if err != nil {
-		return 0, err
-	}
-	if avail < 0 {
-		return 0, r.pastEnd()
-	}
-	r.f.mu.Lock()
-	file := r.f.file
-	r.f.mu.Unlock()
-	if file == nil {
-		return 0, fmt.Errorf("%w: spool closed", ErrFailed)
-	}
-	n := min(int64(len(p)), avail-r.off, r.end-r.off)
-	got, rerr := file.ReadAt(p[:n], r.off)
-	r.off += int64(got)
-	if rerr != nil && !(rerr == io.EOF && int64(got) == n) {
-		return got, fmt.Errorf("%w: read spool: %v", ErrFailed, rerr)
-	}
-	return got, nil
-}
-
-// pastEnd is the end of a read that reached the end of the verified blob: a clean EOF
-// for a read to the end, an error for a range that runs past it.
-func (r *reader) pastEnd() error {
-	if r.end == math.MaxInt64 {
-		return io.EOF
-	}
-	return io.ErrUnexpectedEOF
-}
-
-// WriteTo streams the reader's range to w. Bytes already in the spool go with one copy
-// per available run, from the reader's own descriptor of the spool file, so a network
-// writer can use sendfile(2) instead of 32 KiB user-space copies.
-func (r *reader) WriteTo(w io.Writer) (int64, error) {
-	r.f.mu.Lock()
-	file := r.f.file
-	r.f.mu.Unlock()
-	var own *os.File
-	if file != nil {
-		// /proc/self/fd keeps working after the spool is renamed into storage, and gives
-		// this reader a file offset of its own.
-		own, _ = os.Open(fmt.Sprintf("/proc/self/fd/%d", file.Fd()))
-	}
-	if own == nil {
-		return io.Copy(w, readerOnly{r})
-	}
-	defer own.Close()
-	var total int64
-	for r.off < r.end {
-		avail, err := r.wait()
-		if err != nil {
-			return total, err
-		}
-		if avail < 0 {
-			if err := r.pastEnd(); err != io.EOF {
-				return total, err
-			}
-			return total, nil
-		}
-		if _, err := own.Seek(r.off, io.SeekStart); err != nil {
-			return total, fmt.Errorf("%w: seek spool: %v", ErrFailed, err)
-		}
-		want := min(avail, r.end) - r.off
-		n, err := io.Copy(w, io.LimitReader(own, want))
-		r.off += n
-		total += n
-		if err != nil {
-			return total, err
-		}
-		if n != want {
-			return total, fmt.Errorf("%w: short spool read", ErrFailed)
-		}
-	}
-	return total, nil
-}
-
-// wait blocks until bytes past r.off are readable and returns the readable end (the last
-// byte withheld until the body is verified), or -1 when the blob ended before r.off.
-func (r *reader) wait() (int64, error) {
-	for {
-		r.f.mu.Lock()
-		avail, verified := r.f.written, r.f.verified
-		if !verified && avail > 0 {
-			avail--
-		}
-		err, ch := r.f.err, r.f.changed
-		r.f.mu.Unlock()
-		if err != nil {
-			return 0, err
-		}
-		if r.off < avail {
-			return avail, nil
-		}
-		if verified {
-			return -1, nil
-		}
-		select {
-		case <-ch:
-		case <-r.ctx.Done():
-			return 0, r.ctx.Err()
-		}
-	}
-}
-
-// readerOnly hides WriteTo, for the plain-copy fallback.
-type readerOnly struct{ r *reader }
-
-func (o readerOnly) Read(p []byte) (int, error) { return o.r.Read(p) }
+// Elapsed is how long the fill has run.
+func (f *Fill) Elapsed() time.Duration { return time.Since(f.started) }
 
 // notify wakes every waiter; f.mu must be held.
 func (f *Fill) notify() {
@@ -405,127 +346,4 @@ func (f *Fill) fail(err error) {
 		f.notify()
 	}
 	f.mu.Unlock()
-}
-
-func (f *Fill) run(fetch FetchFunc) {
-	ctx, cancel := context.WithCancelCause(context.Background())
-	defer cancel(nil)
-	err := f.fetch(ctx, cancel, fetch)
-	if err != nil {
-		f.fail(err)
-		f.m.log.Warn("fill failed", "registry", f.Key.Registry, "digest", f.Key.Digest, "error", err)
-	}
-	f.mu.Lock()
-	resp := f.resp
-	f.mu.Unlock()
-	if err == nil && resp != nil && resp.Status == http.StatusOK {
-		if cerr := f.m.commit(ctx, f, f.file.Name()); cerr != nil {
-			// Clients were served a verified body; only the cache copy is lost.
-			f.m.log.Error("storing verified blob failed", "registry", f.Key.Registry, "digest", f.Key.Digest, "error", cerr)
-		}
-	}
-	if f.m.onDone != nil {
-		var doneErr error
-		f.mu.Lock()
-		doneErr = f.err
-		f.mu.Unlock()
-		f.m.onDone(f, doneErr)
-	}
-	f.forget()
-	close(f.settled)
-	f.Release()
-}
-
-// Settled is closed when the fill has ended: failed, or verified and committed.
-func (f *Fill) Settled() <-chan struct{} { return f.settled }
-
-// Elapsed is how long the fill has run.
-func (f *Fill) Elapsed() time.Duration { return time.Since(f.started) }
-
-func (f *Fill) fetch(ctx context.Context, cancel context.CancelCauseFunc, fetch FetchFunc) error {
-	res, err := fetch(ctx)
-	if err != nil {
-		return err
-	}
-	defer res.Body.Close()
-	if res.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
-		f.forget()
-		f.mu.Lock()
-		f.resp = &Response{Status: res.StatusCode, Header: res.Header.Clone(), Body: body}
-		f.err = fmt.Errorf("%w: %w: origin answered %d", ErrFailed, ErrRefused, res.StatusCode)
-		f.notify()
-		f.mu.Unlock()
-		return nil
-	}
-	file, err := os.CreateTemp(f.m.dir, "fill-*")
-	if err != nil {
-		return err
-	}
-	f.mu.Lock()
-	f.file = file
-	f.resp = &Response{Status: res.StatusCode, Header: res.Header.Clone()}
-	f.size = res.ContentLength
-	f.notify()
-	f.mu.Unlock()
-
-	// A stalled origin body would hang every reader: cancel the fetch when no byte
-	// arrives for stallTimeout.
-	stall := time.AfterFunc(f.m.stallTimeout, func() {
-		cancel(fmt.Errorf("origin sent no data for %s", f.m.stallTimeout))
-	})
-	defer stall.Stop()
-
-	verifier := f.Key.Digest.Verifier()
-	buf := make([]byte, f.m.bufSize)
-	batch := min(f.m.bufSize, 128<<10)
-	var written int64
-	for {
-		// At least batch bytes per round: fewer spool writes and fewer wake-ups of every
-		// reader, which is most of a fill's CPU besides hashing. A short read at the end
-		// of the body returns what there is.
-		n, rerr := io.ReadAtLeast(res.Body, buf, batch)
-		if rerr == io.ErrUnexpectedEOF {
-			rerr = io.EOF
-		}
-		if n > 0 {
-			stall.Reset(f.m.stallTimeout)
-			if f.size >= 0 && written+int64(n) > f.size {
-				return fmt.Errorf("%w: origin sent more than Content-Length %d", errdefs.ErrFailedPrecondition, f.size)
-			}
-			if _, err := file.WriteAt(buf[:n], written); err != nil {
-				return fmt.Errorf("write spool: %w", err)
-			}
-			_, _ = verifier.Write(buf[:n])
-			written += int64(n)
-			if f.m.onBytes != nil {
-				f.m.onBytes(f.Key.Registry, n)
-			}
-			f.mu.Lock()
-			f.written = written
-			f.notify()
-			f.mu.Unlock()
-		}
-		if rerr == io.EOF {
-			break
-		}
-		if rerr != nil {
-			if cause := context.Cause(ctx); cause != nil {
-				return cause
-			}
-			return fmt.Errorf("read origin body: %w", rerr)
-		}
-	}
-	if f.size >= 0 && written != f.size {
-		return fmt.Errorf("%w: origin sent %d of %d bytes", errdefs.ErrFailedPrecondition, written, f.size)
-	}
-	if !verifier.Verified() {
-		return fmt.Errorf("%w: origin body does not match its digest", errdefs.ErrFailedPrecondition)
-	}
-	f.mu.Lock()
-	f.size = written
-	f.verified = true
-	f.notify()
-	f.mu.Unlock()
-	return nil
 }

@@ -1,0 +1,186 @@
+package fill
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+func (f *Fill) run(fetch FetchFunc) {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	release := func(bool) {}
+	err := f.fetch(ctx, cancel, fetch, &release)
+	if err != nil {
+		f.fail(err)
+		f.m.log.Warn("fill failed", "registry", f.Key.Registry, "digest", f.Key.Digest, "error", err)
+	}
+	f.mu.Lock()
+	resp, pass := f.resp, f.pass
+	f.mu.Unlock()
+	stored := false
+	if err == nil && resp != nil && resp.Status == http.StatusOK && !pass {
+		if cerr := f.m.commit(ctx, f, f.file.Name()); cerr != nil {
+			// Clients were served a verified body; only the cache copy is lost.
+			f.m.storeFailed(f, "commit", cerr)
+		} else {
+			stored = true
+			f.m.storeOK()
+		}
+	}
+	release(stored)
+	if f.m.onDone != nil {
+		var doneErr error
+		f.mu.Lock()
+		doneErr = f.err
+		f.mu.Unlock()
+		f.m.onDone(f, doneErr)
+	}
+	f.forget()
+	close(f.settled)
+	f.Release()
+}
+
+// fetch makes the origin request and streams its body into the spool, or, when the store
+// cannot take the blob, through the window. *release is set to the reservation's release.
+func (f *Fill) fetch(ctx context.Context, cancel context.CancelCauseFunc, fetch FetchFunc, release *func(bool)) error {
+	res, err := fetch(ctx)
+	if err != nil {
+		return err
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+		f.forget()
+		f.mu.Lock()
+		f.resp = &Response{Status: res.StatusCode, Header: res.Header.Clone(), Body: body}
+		f.err = fmt.Errorf("%w: %w: origin answered %d", ErrFailed, ErrRefused, res.StatusCode)
+		f.notify()
+		f.mu.Unlock()
+		return nil
+	}
+	file, passReason := f.openSpool(ctx, res.ContentLength, release)
+	f.mu.Lock()
+	f.file = file
+	f.resp = &Response{Status: res.StatusCode, Header: res.Header.Clone()}
+	f.size = res.ContentLength
+	f.notify()
+	f.mu.Unlock()
+	if passReason != "" {
+		f.passThrough()
+		f.m.passedThrough(passReason)
+	}
+
+	// A stalled origin body would hang every reader: cancel the fetch when no byte
+	// arrives for stallTimeout.
+	stall := time.AfterFunc(f.m.stallTimeout, func() {
+		cancel(fmt.Errorf("origin sent no data for %s", f.m.stallTimeout))
+	})
+	defer stall.Stop()
+
+	verifier := f.Key.Digest.Verifier()
+	buf := make([]byte, f.m.bufSize)
+	batch := min(f.m.bufSize, 128<<10)
+	var received int64
+	for {
+		// At least batch bytes per round: fewer spool writes and fewer wake-ups of every
+		// reader, which is most of a fill's CPU besides hashing. A short read at the end
+		// of the body returns what there is. A pass-through fill reads at most a quarter
+		// of its window at a time, so readers can go on with the rest while it waits.
+		chunk := buf
+		if f.PassingThrough() {
+			chunk = buf[:min(len(buf), f.m.window/4)]
+		}
+		n, rerr := io.ReadAtLeast(res.Body, chunk, min(batch, len(chunk)))
+		if rerr == io.ErrUnexpectedEOF {
+			rerr = io.EOF
+		}
+		if n > 0 {
+			stall.Stop() // a pass-through fill's wait for its readers is not the origin's stall
+			if f.size >= 0 && received+int64(n) > f.size {
+				return fmt.Errorf("%w: origin sent more than Content-Length %d", errdefs.ErrFailedPrecondition, f.size)
+			}
+			_, _ = verifier.Write(chunk[:n])
+			if f.m.onBytes != nil {
+				f.m.onBytes(f.Key.Registry, n)
+			}
+			if err := f.append(ctx, chunk[:n], received); err != nil {
+				return err
+			}
+			received += int64(n)
+			stall.Reset(f.m.stallTimeout)
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			if cause := context.Cause(ctx); cause != nil {
+				return cause
+			}
+			return fmt.Errorf("read origin body: %w", rerr)
+		}
+	}
+	if f.size >= 0 && received != f.size {
+		return fmt.Errorf("%w: origin sent %d of %d bytes", errdefs.ErrFailedPrecondition, received, f.size)
+	}
+	if !verifier.Verified() {
+		return fmt.Errorf("%w: origin body does not match its digest", errdefs.ErrFailedPrecondition)
+	}
+	f.mu.Lock()
+	f.size = received
+	f.verified = true
+	f.notify()
+	f.mu.Unlock()
+	return nil
+}
+
+// openSpool reserves room for the blob and creates its spool file. A refusal or a
+// failure returns no file and the reason to pass the blob through.
+func (f *Fill) openSpool(ctx context.Context, size int64, release *func(bool)) (*os.File, string) {
+	if f.m.reserve != nil {
+		rel, err := f.m.reserve(ctx, f.Key, size)
+		if err != nil {
+			return nil, f.m.reserveRefused(f, err)
+		}
+		if rel != nil {
+			*release = rel
+		}
+	}
+	file, err := os.CreateTemp(f.m.dir, "fill-*")
+	if err != nil {
+		return nil, f.m.storeFailed(f, "create", err)
+	}
+	return file, ""
+}
+
+// append makes p, the body's bytes from off, readable: written to the spool, or, once
+// the spool failed, put in the window.
+func (f *Fill) append(ctx context.Context, p []byte, off int64) error {
+	if !f.PassingThrough() {
+		_, err := f.file.WriteAt(p, off)
+		if err == nil {
+			f.mu.Lock()
+			f.received = off + int64(len(p))
+			f.spooled = f.received
+			f.notify()
+			f.mu.Unlock()
+			return nil
+		}
+		// The bytes before off stay readable from the spool; the rest come through.
+		f.passThrough()
+		f.m.passedThrough(f.m.storeFailed(f, "write", err))
+	}
+	for len(p) > 0 {
+		n := min(len(p), f.m.window)
+		if err := f.pushWindow(ctx, p[:n]); err != nil {
+			return err
+		}
+		p = p[n:]
+	}
+	return nil
+}
