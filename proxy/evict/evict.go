@@ -1,0 +1,270 @@
+package evict
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/cove-oci/cove/proxy/fill"
+)
+
+// Triggers of an eviction (the metrics' label).
+const (
+	triggerMaxSize = "max-size"
+	triggerMinFree = "min-free"
+)
+
+// used is what counts against MaxSize; s.mu must be held.
+func (s *Store) usedLocked() int64 { return s.stored + s.reserved + s.indexBytes }
+
+// Used returns the bytes counted against the bound: stored, reserved and the index.
+func (s *Store) Used() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.usedLocked()
+}
+
+// Reserve is a fill.ReserveFunc: it counts size bytes against the bound before a fill
+// spools them, evicting first when they do not fit. A fill that cannot fit even after
+// eviction is refused (the fill then serves its clients without storing the blob).
+// A size the origin did not announce (< 0) reserves nothing: the blob is counted when
+// stored, and the background evictor makes room after it.
+func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(stored bool), error) {
+	if size < 0 {
+		size = 0
+	}
+	cost := blobCost(size) + recordCost
+	max := s.cfg.MaxSize
+	if max > 0 && cost > max {
+		s.m.ReserveRefused.Inc()
+		return nil, fmt.Errorf("%w: blob %s of %d bytes is larger than the store (%d bytes)", errdefs.ErrResourceExhausted, key.Digest, size, max)
+	}
+	for attempt := 0; ; attempt++ {
+		s.mu.Lock()
+		over := s.usedLocked() + cost - max
+		if max == 0 || over <= 0 {
+			s.reserved += cost
+			s.gaugesLocked()
+			s.mu.Unlock()
+			s.kickEvict() // past the high watermark: make room ahead of the next fill
+			var once sync.Once
+			return func(bool) {
+				once.Do(func() {
+					s.mu.Lock()
+					s.reserved -= cost
+					s.gaugesLocked()
+					s.mu.Unlock()
+				})
+			}, nil
+		}
+		s.mu.Unlock()
+		if attempt == 2 || s.evictBytes(ctx, over, triggerMaxSize) == 0 {
+			s.m.ReserveRefused.Inc()
+			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes): the rest of the store is pinned, being read or reserved", errdefs.ErrResourceExhausted, key.Digest, size)
+		}
+	}
+}
+
+// makeRoom evicts before a Put that would pass the bound (manifests, which are small and
+// stored without a reservation).
+func (s *Store) makeRoom(ctx context.Context, size int64) {
+	if s.cfg.MaxSize == 0 {
+		return
+	}
+	s.mu.Lock()
+	over := s.usedLocked() + blobCost(size) + recordCost - s.cfg.MaxSize
+	s.mu.Unlock()
+	if over > 0 {
+		s.evictBytes(ctx, over, triggerMaxSize)
+	}
+}
+
+// evictBytes evicts least recently used blobs until need bytes are freed or nothing more
+// can go (pinned, being read). It returns the bytes freed.
+func (s *Store) evictBytes(ctx context.Context, need int64, trigger string) int64 {
+	type cand struct {
+		d     digest.Digest
+		atime int64
+	}
+	s.resolvePinsIfDirty(ctx)
+	s.mu.Lock()
+	cands := make([]cand, 0, len(s.blobs))
+	for d, e := range s.blobs {
+		if _, pin := s.pinned[d]; pin || e.refs > 0 {
+			continue
+		}
+		cands = append(cands, cand{d, e.atime})
+	}
+	s.mu.Unlock()
+	sort.Slice(cands, func(i, j int) bool { return cands[i].atime < cands[j].atime })
+	var freed int64
+	for _, c := range cands {
+		if freed >= need || ctx.Err() != nil {
+			break
+		}
+		freed += s.evictOne(ctx, c.d, trigger)
+	}
+	return freed
+}
+
+// evictOne removes one blob: its records first (so it is never served without them),
+// then the blob. Stat and Open answer not found from the moment it is chosen.
+func (s *Store) evictOne(ctx context.Context, d digest.Digest, trigger string) int64 {
+	s.mu.Lock()
+	e := s.blobs[d]
+	_, pin := s.pinned[d]
+	if e == nil || e.refs > 0 || pin {
+		s.mu.Unlock()
+		return 0
+	}
+	delete(s.blobs, d)
+	s.deleting[d] = struct{}{}
+	for k := range e.records {
+		delete(s.owner, k)
+	}
+	cost := e.cost()
+	s.stored -= cost
+	s.dirty = true
+	s.gaugesLocked()
+	s.mu.Unlock()
+
+	s.deleteRecords(ctx, keysOf(e.records))
+	err := s.inner.Delete(ctx, d)
+	s.mu.Lock()
+	delete(s.deleting, d)
+	if err != nil && !errdefs.IsNotFound(err) {
+		// Still there, but without its records: not served; account it and retry later.
+		e.records = map[string]struct{}{}
+		if s.blobs[d] == nil {
+			s.blobs[d] = e
+			s.stored += e.cost()
+		}
+		s.gaugesLocked()
+		s.mu.Unlock()
+		s.m.Errors.WithLabelValues("delete").Inc()
+		s.log.Warn("evicting a blob failed", "digest", d, "error", err)
+		return 0
+	}
+	s.mu.Unlock()
+	s.m.Evictions.WithLabelValues(trigger).Inc()
+	s.m.EvictedBytes.WithLabelValues(trigger).Add(float64(e.size))
+	s.log.Debug("evicted", "digest", d, "size", e.size, "trigger", trigger, "last_access", time.Unix(0, e.atime).UTC())
+	return cost
+}
+
+// evictAhead frees down to the low watermark once usage passes the high one, and keeps
+// MinFree of the filesystem free.
+func (s *Store) evictAhead(ctx context.Context) {
+	if max := s.cfg.MaxSize; max > 0 {
+		used := s.Used()
+		if used > int64(s.cfg.High*float64(max)) {
+			need := used - int64(s.cfg.Low*float64(max))
+			freed := s.evictBytes(ctx, need, triggerMaxSize)
+			s.log.Info("evicted to the low watermark", "used_before", used, "freed", freed, "wanted", need, "limit", max)
+		}
+	}
+	if s.cfg.MinFree.IsZero() || s.cfg.Free == nil {
+		return
+	}
+	free, total, err := s.cfg.Free()
+	if err != nil {
+		s.m.Errors.WithLabelValues("statfs").Inc()
+		return
+	}
+	want := s.cfg.MinFree.want(total)
+	if int64(free) >= want {
+		return
+	}
+	// Free a tenth more than the shortfall's floor, so the trigger does not fire on
+	// every fill.
+	need := want - int64(free) + want/10
+	freed := s.evictBytes(ctx, need, triggerMinFree)
+	s.log.Info("evicted for free space", "free", free, "min_free", want, "freed", freed)
+}
+
+// Start loads the index (or starts rebuilding it in the background), resolves the pins,
+// and runs the background evictor until Close.
+func (s *Store) Start(ctx context.Context) {
+	ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	s.done = make(chan struct{})
+	rebuild := s.loadIndex(ctx)
+	s.loadPins(ctx)
+	go s.loop(ctx, rebuild)
+}
+
+// Close stops the background work and writes the index, marked clean.
+func (s *Store) Close(ctx context.Context) error {
+	if s.cancel == nil {
+		return nil
+	}
+	s.cancel()
+	<-s.done
+	s.cancel = nil
+	return s.writeIndex(ctx, true)
+}
+
+func (s *Store) loop(ctx context.Context, rebuild bool) {
+	defer close(s.done)
+	if rebuild {
+		s.reconcile(ctx)
+	}
+	if !s.sweptLegacy() {
+		s.sweep(ctx, legacyPrefixes, "legacy")
+	}
+	s.evictAhead(ctx)
+	t := time.NewTicker(s.cfg.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.kick:
+			s.evictAhead(ctx)
+		case <-s.pinKick:
+			s.resolvePins(ctx)
+		case <-t.C:
+			s.resolvePins(ctx)
+			s.evictAhead(ctx)
+			s.expirePending(ctx)
+			s.mu.Lock()
+			dirty := s.dirty
+			s.mu.Unlock()
+			if dirty {
+				if err := s.writeIndex(ctx, false); err != nil && ctx.Err() == nil {
+					s.log.Warn("writing the eviction index failed", "error", err)
+				}
+			}
+		}
+	}
+}
+
+// expirePending removes records learned for blobs that were never stored.
+func (s *Store) expirePending(ctx context.Context) {
+	limit := s.now().Add(-s.cfg.PendingGrace).UnixNano()
+	var keys []string
+	s.mu.Lock()
+	for d, p := range s.pending {
+		if p.since > limit {
+			continue
+		}
+		if _, stored := s.blobs[d]; stored {
+			continue
+		}
+		for k := range p.keys {
+			keys = append(keys, k)
+			delete(s.owner, k)
+		}
+		delete(s.pending, d)
+		s.dirty = true
+	}
+	s.mu.Unlock()
+	s.deleteRecords(ctx, keys)
+	if len(keys) > 0 {
+		s.m.RecordsCollected.WithLabelValues("expired").Add(float64(len(keys)))
+	}
+}
