@@ -39,6 +39,10 @@ type Metrics struct {
 	FillDuration   *prometheus.HistogramVec
 	FillsInFlight  prometheus.GaugeFunc
 	AuthzChecks    prometheus.Counter
+	StoreErrors    *prometheus.CounterVec
+	PassedThrough  *prometheus.CounterVec
+	ReadersCut     prometheus.Counter
+	StoreDegraded  prometheus.Gauge
 
 	labels *labelLimiter
 }
@@ -80,6 +84,23 @@ func New(inFlight func() int) *Metrics {
 		Help: "Authorization checks sent to origins for cached objects (a HEAD with the client's credentials), when no fresh allowance and membership answered.",
 	})
 	reg.MustRegister(m.AuthzChecks)
+	m.StoreErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cove_fill_store_errors_total",
+		Help: "Store failures while filling, by operation (create or write of a spool file, commit of a verified blob) and reason (no_space, quota, io_error, read_only, permission, too_large, other).",
+	}, []string{"operation", "reason"})
+	m.PassedThrough = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cove_fills_passed_through_total",
+		Help: "Fills streamed to their clients but not stored, by reason (a store error's reason, or reserve_refused).",
+	}, []string{"reason"})
+	m.ReadersCut = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "cove_passthrough_readers_cut_total",
+		Help: "Client responses cut off because they fell behind a pass-through fill's window (the client resumes with a Range request).",
+	})
+	m.StoreDegraded = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "cove_store_degraded",
+		Help: "1 while the store cannot take blobs (fills pass through unstored), from the first failure until a blob is stored again.",
+	})
+	reg.MustRegister(m.StoreErrors, m.PassedThrough, m.ReadersCut, m.StoreDegraded)
 	m.FillsInFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "cove_fills_in_flight",
 		Help: "Origin fills running now.",
@@ -126,6 +147,25 @@ func (m *Metrics) OriginRequest(registry string, status int, err error) {
 // origin package's fixed set, so the label stays bounded.
 func (m *Metrics) OriginRefusal(reason string) {
 	m.OriginRefused.WithLabelValues(reason).Inc()
+}
+
+// StoreError counts one store failure; op and reason come from the fill package's fixed
+// sets.
+func (m *Metrics) StoreError(op, reason string) { m.StoreErrors.WithLabelValues(op, reason).Inc() }
+
+// PassThrough counts one fill passed through unstored.
+func (m *Metrics) PassThrough(reason string) { m.PassedThrough.WithLabelValues(reason).Inc() }
+
+// ReaderCut counts one client response cut off behind a pass-through window.
+func (m *Metrics) ReaderCut() { m.ReadersCut.Inc() }
+
+// StoreCondition sets cove_store_degraded.
+func (m *Metrics) StoreCondition(degraded bool) {
+	v := 0.0
+	if degraded {
+		v = 1
+	}
+	m.StoreDegraded.Set(v)
 }
 
 // Fill records a finished fill.

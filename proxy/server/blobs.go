@@ -192,10 +192,11 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 		return s.origin.Do(ctx, http.MethodGet, registry, path, nil, originHeader, nil)
 	}
 	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
+	from := rangeStart(r.Header.Get("Range"))
 	// A fill another client started that ends without content (that client's credentials
 	// were refused) is no answer for this one: it gets one fill of its own.
 	for attempt := 0; attempt < 2; attempt++ {
-		f, started := s.fills.Join(key, own, fetch)
+		f, started := s.fills.JoinAt(key, own, from, fetch)
 		if !started && f.Owner != own {
 			// Joining streams bytes fetched with someone else's credentials: the origin
 			// must first say this client may read this blob in this repository.
@@ -283,7 +284,9 @@ func (s *Server) streamFill(w http.ResponseWriter, r *http.Request, req *route.R
 	n, err := io.Copy(w, f.NewReader(ctx, start, length))
 	s.metrics.Sent(req.Registry, "fill", n)
 	if err != nil {
-		if errors.Is(err, fill.ErrFailed) {
+		if errors.Is(err, fill.ErrBehind) {
+			s.log.Debug("client fell behind a pass-through fill: cut off to resume", "registry", req.Registry, "digest", req.Digest, "sent", n)
+		} else if errors.Is(err, fill.ErrFailed) {
 			s.log.Warn("fill failed while streaming to a client", "registry", req.Registry, "digest", req.Digest, "sent", n, "error", err)
 		} else {
 			// The client left: containerd's ranged fetches close each range early.
@@ -291,6 +294,16 @@ func (s *Server) streamFill(w http.ResponseWriter, r *http.Request, req *route.R
 		}
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// rangeStart is the first byte a Range header asks for: 0 for none, a suffix range or
+// one that does not parse (the fill then serves whoever reads from the start).
+func rangeStart(header string) int64 {
+	rng, partial, err := httpx.ParseRange(header, -1)
+	if err != nil || !partial {
+		return 0
+	}
+	return rng.Start
 }
 
 // commitFill stores a verified fill, then records where it came from. The provenance

@@ -53,6 +53,12 @@ type Config struct {
 	// ExternalURL is the URL clients reach cove-cache at (scheme://host[:port]), used as
 	// the realm of its token endpoint. Empty: taken from each request's Host.
 	ExternalURL string
+	// Reserve, when set, reserves room for every fill before it is spooled; a refusal
+	// passes the blob through unstored (see fill.WithReserve).
+	Reserve fill.ReserveFunc
+	// PassThroughWindow is the memory a fill whose blob the store cannot take keeps of
+	// the body's most recent bytes for its clients (0: the fill package's 4 MiB).
+	PassThroughWindow int
 	// Transport overrides the origin transport (tests).
 	Transport http.RoundTripper
 	Logger    *slog.Logger
@@ -147,12 +153,25 @@ func New(cfg Config) (*Server, error) {
 		Logger:      cfg.Logger,
 		ExternalURL: cfg.ExternalURL,
 	})
-	fills, err = fill.NewManager(filepath.Clean(cfg.SpoolDir), s.commitFill,
+	fillOpts := []fill.Option{
 		fill.WithStallTimeout(cfg.StallTimeout),
 		fill.WithLogger(cfg.Logger),
 		fill.WithOriginBytes(s.metrics.FromOrigin),
 		fill.WithDone(s.fillDone),
-	)
+		fill.WithEvents(fill.Events{
+			StoreError:  s.metrics.StoreError,
+			PassThrough: s.metrics.PassThrough,
+			ReaderCut:   s.metrics.ReaderCut,
+			Condition:   s.metrics.StoreCondition,
+		}),
+	}
+	if cfg.Reserve != nil {
+		fillOpts = append(fillOpts, fill.WithReserve(cfg.Reserve))
+	}
+	if cfg.PassThroughWindow > 0 {
+		fillOpts = append(fillOpts, fill.WithPassThroughWindow(cfg.PassThroughWindow))
+	}
+	fills, err = fill.NewManager(filepath.Clean(cfg.SpoolDir), s.commitFill, fillOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -176,12 +195,20 @@ func (s *Server) Fills() *fill.Manager { return s.fills }
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
 
-// serveReady answers 200 when storage answers.
+// serveReady answers 200 when storage answers. A store that cannot take blobs (full,
+// failing) still answers 200, with a body naming the condition: the replica serves its
+// hits and passes fills through, which is better than no replica; the condition is for
+// people and alerts (cove_store_degraded), not for taking the replica out of service.
 func (s *Server) serveReady(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if _, err := s.store.GetRecord(ctx, "readyz-probe"); err != nil && !isNotFound(err) {
 		http.Error(w, "storage not ready", http.StatusServiceUnavailable)
+		return
+	}
+	if cond, degraded := s.fills.StoreDegraded(); degraded {
+		fmt.Fprintf(w, "ok, store degraded: cannot take blobs (%s: %s) since %s; fills pass through unstored\n",
+			cond.Op, cond.Reason, cond.Since.UTC().Format(time.RFC3339))
 		return
 	}
 	fmt.Fprintln(w, "ok")
