@@ -1,0 +1,122 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+
+	"github.com/cove-oci/cove/internal/peers"
+)
+
+// A cove-cache storing in S3 (a real MinIO) serves containerd's pulls: cold, then warm
+// with no blob fetched from the origin, then warm again from a second cove-cache with an
+// empty --storage-dir over the same bucket (what a pod sees after a reschedule): the
+// blobs live in the bucket, not on the local disk. One layer is larger than a multipart
+// part. The credentials reach cove-cache only through the AWS environment variables and
+// never appear in its log.
+func TestPullThroughCacheOnS3(t *testing.T) {
+	ctx := testCtx(t)
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/s3app:v1", 3, 20<<20)
+	m := peers.StartMinIO(t)
+	// cove-cache inherits the test's environment: the standard AWS variables, nothing else.
+	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	flags := []string{"--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket, "--log-level", "debug"}
+	cove := peers.StartCove(t, "", flags...)
+
+	cold := peers.StartContainerd(t, peers.WithMirror(cove.URL))
+	if err := cold.Pull(ctx, img.Ref); err != nil {
+		t.Fatalf("cold pull: %v\n%s", err, s3LogTail(cove.LogPath))
+	}
+	peers.CheckPulled(t, ctx, cold, img)
+	afterCold := origin.BlobGETs()
+	for _, d := range allBlobs(img) {
+		if afterCold[d] != 1 {
+			t.Errorf("origin GETs of %s after the cold pull = %d, want 1", d, afterCold[d])
+		}
+	}
+	if misses := cove.Metric(t, "cove_requests_total", `operation="blob"`, `result="miss"`); misses < float64(len(allBlobs(img))) {
+		t.Fatalf("cove-cache saw %v blob misses: the pull did not go through it", misses)
+	}
+	// Every blob is in the bucket; none is on the local disk.
+	waitObjects(t, ctx, m, allBlobs(img))
+	if _, err := os.Stat(filepath.Join(cove.StorageDir, "blobs")); !os.IsNotExist(err) {
+		t.Errorf("the local --storage-dir has a blobs directory (%v): it should hold in-flight fills only", err)
+	}
+
+	pullWarm := func(name string, c *peers.Cove) {
+		t.Helper()
+		before := origin.BlobGETs()
+		node := peers.StartContainerd(t, peers.WithMirror(c.URL))
+		if err := node.Pull(ctx, img.Ref); err != nil {
+			t.Fatalf("%s pull: %v\n%s", name, err, s3LogTail(c.LogPath))
+		}
+		peers.CheckPulled(t, ctx, node, img)
+		after := origin.BlobGETs()
+		for _, d := range allBlobs(img) {
+			if after[d] != before[d] {
+				t.Errorf("%s pull: %d origin GETs of %s, want 0", name, after[d]-before[d], d)
+			}
+		}
+		if hits := c.Metric(t, "cove_requests_total", `operation="blob"`, `result="hit"`); hits < float64(len(allBlobs(img))) {
+			t.Errorf("%s pull: %v blob hits, want at least %d", name, hits, len(allBlobs(img)))
+		}
+		if sent := c.Metric(t, "cove_bytes_sent_total", `source="cache"`); sent < float64(img.Size) {
+			t.Errorf("%s pull: %v bytes sent from the cache, want at least %d", name, sent, img.Size)
+		}
+	}
+	pullWarm("warm", cove)
+	other := peers.StartCove(t, "", flags...) // empty local directory, same bucket
+	pullWarm("warm from another cove-cache", other)
+
+	for _, c := range []*peers.Cove{cove, other} {
+		c.Stop()
+		logs, err := os.ReadFile(c.LogPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(logs), m.SecretKey) {
+			t.Fatal("the S3 secret key appears in cove-cache's log")
+		}
+		if !strings.Contains(string(logs), `"storage":"s3"`) {
+			t.Errorf("cove-cache's start-up line does not say it stores in S3:\n%s", s3LogTail(c.LogPath))
+		}
+	}
+}
+
+// waitObjects checks that blobs/sha256/<hex> exists in the bucket for every digest. A
+// fill is stored after its last byte went to the client, so a moment may pass.
+func waitObjects(t *testing.T, ctx context.Context, m *peers.MinIO, digests []string) {
+	t.Helper()
+	c, err := m.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range digests {
+		key := "blobs/" + strings.Replace(d, ":", "/", 1)
+		var err error
+		for range 100 {
+			if _, err = c.StatObject(ctx, m.Bucket, key, minio.StatObjectOptions{}); err == nil {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if err != nil {
+			t.Errorf("%s is not in the bucket: %v", key, err)
+		}
+	}
+}
+
+// s3LogTail is the last lines of a log, for failure messages.
+func s3LogTail(path string) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-30):], "\n")
+}
