@@ -22,6 +22,7 @@ import (
 	"github.com/cove-oci/cove/internal/cli"
 	"github.com/cove-oci/cove/internal/tlsreload"
 	"github.com/cove-oci/cove/internal/version"
+	"github.com/cove-oci/cove/proxy/metrics"
 	"github.com/cove-oci/cove/proxy/origin"
 	"github.com/cove-oci/cove/proxy/route"
 	"github.com/cove-oci/cove/proxy/server"
@@ -74,6 +75,8 @@ type options struct {
 	tlsCert         string
 	tlsKey          string
 	s3              s3Options
+	bound           boundOptions
+	config          string
 }
 
 func defaultStorageDir() string {
@@ -106,8 +109,15 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "serve HTTPS with this PEM certificate (chain) `FILE`, reloaded when it changes; needs --tls-key")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM private key `FILE` of --tls-cert, reloaded when it changes")
 	o.s3.register(fs)
+	o.bound.register(fs)
+	fs.StringVar(&o.config, "config", "", "read settings from this TOML `FILE`: its keys are these flags with _ for - (storage_max_size = \"500GiB\", pin = [\"...\"]); flags on the command line win")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
+	}
+	if o.config != "" {
+		if err := applyConfig(fs, o.config); err != nil {
+			return nil, err
+		}
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -122,6 +132,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("--storage-dir must not be empty")
 	}
 	if err := o.s3.validate(); err != nil {
+		return nil, err
+	}
+	if err := o.bound.validate(o.s3.endpoint != ""); err != nil {
 		return nil, err
 	}
 	for i, h := range o.plainHTTP {
@@ -184,13 +197,29 @@ func serve(args []string, stderr io.Writer) int {
 		return 1
 	}
 	defer opened.closer.Close()
-	store := opened.store
+	freeDir := ""
+	if o.s3.endpoint == "" {
+		freeDir = o.storageDir
+	}
+	storeMetrics := metrics.NewStore()
+	store, err := o.bound.wrap(opened.store, freeDir, storeMetrics, log)
+	if err != nil {
+		log.Error("bounding storage failed", "error", err)
+		return 1
+	}
+	store.Start(context.Background())
+	defer func() {
+		if err := store.Close(context.Background()); err != nil {
+			log.Warn("writing the eviction index at shutdown failed", "error", err)
+		}
+	}()
 	authzTTL := o.authzTTL
 	if authzTTL == 0 {
 		authzTTL = -1 // Config's zero means the default; the flag's zero means never reuse
 	}
 	srv, err := server.New(server.Config{
 		Storage:         store,
+		Reserve:         store.Reserve,
 		SpoolDir:        opened.spoolDir,
 		PlainHTTP:       o.plainHTTP,
 		DefaultRegistry: o.defaultRegistry,
@@ -205,6 +234,10 @@ func serve(args []string, stderr io.Writer) int {
 	})
 	if err != nil {
 		log.Error("starting server failed", "error", err)
+		return 1
+	}
+	if err := storeMetrics.Register(srv.Metrics().Registry); err != nil {
+		log.Error("registering store metrics failed", "error", err)
 		return 1
 	}
 	var reloader *tlsreload.Reloader
