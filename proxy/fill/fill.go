@@ -148,6 +148,7 @@ func (m *Manager) JoinAt(key Key, owner string, from int64, fetch FetchFunc) (f 
 	defer m.mu.Unlock()
 	if f := m.fills[key]; f != nil && f.serves(from) {
 		f.refs++
+		f.hold(from)
 		return f, false
 	}
 	f = &Fill{
@@ -161,6 +162,7 @@ func (m *Manager) JoinAt(key Key, owner string, from int64, fetch FetchFunc) (f 
 		started: time.Now(),
 		readers: map[*reader]struct{}{},
 	}
+	f.hold(from)
 	m.fills[key] = f
 	go f.run(fetch)
 	return f, true
@@ -229,6 +231,7 @@ type Fill struct {
 	pass     bool                 // the store did not take the blob: nothing more is spooled
 	win      *window              // the most recent bytes, for readers past the spool
 	readers  map[*reader]struct{} // active readers, for the window's flow control
+	holds    []hold               // joiners not reading yet, for the same
 	waiting  bool                 // the fill waits for readers to move
 	progress chan struct{}        // closed when a reader moves while the fill waits
 }

@@ -20,6 +20,8 @@ func (f *Fill) NewReader(ctx context.Context, off, n int64) io.Reader {
 	r := &reader{f: f, ctx: ctx, off: off, end: end}
 	f.mu.Lock()
 	f.readers[r] = struct{}{}
+	f.unhold(off)
+	f.moved()
 	f.mu.Unlock()
 	// A client that goes away without reading to the end leaves at once: a pass-through
 	// fill must not wait for it.

@@ -27,10 +27,10 @@ func (f *Fill) run(fetch FetchFunc) {
 	if err == nil && resp != nil && resp.Status == http.StatusOK && !pass {
 		if cerr := f.m.commit(ctx, f, f.file.Name()); cerr != nil {
 			// Clients were served a verified body; only the cache copy is lost.
-			f.m.storeFailed(f, "commit", cerr)
+			f.m.storeFailed(f, f.Size(), "commit", cerr)
 		} else {
 			stored = true
-			f.m.storeOK()
+			f.m.storeOK(f.Size())
 		}
 	}
 	release(stored)
@@ -145,7 +145,7 @@ func (f *Fill) openSpool(ctx context.Context, size int64, release *func(bool)) (
 	if f.m.reserve != nil {
 		rel, err := f.m.reserve(ctx, f.Key, size)
 		if err != nil {
-			return nil, f.m.reserveRefused(f, err)
+			return nil, f.m.reserveRefused(f, size, err)
 		}
 		if rel != nil {
 			*release = rel
@@ -153,7 +153,7 @@ func (f *Fill) openSpool(ctx context.Context, size int64, release *func(bool)) (
 	}
 	file, err := os.CreateTemp(f.m.dir, "fill-*")
 	if err != nil {
-		return nil, f.m.storeFailed(f, "create", err)
+		return nil, f.m.storeFailed(f, size, "create", err)
 	}
 	return file, ""
 }
@@ -173,7 +173,7 @@ func (f *Fill) append(ctx context.Context, p []byte, off int64) error {
 		}
 		// The bytes before off stay readable from the spool; the rest come through.
 		f.passThrough()
-		f.m.passedThrough(f.m.storeFailed(f, "write", err))
+		f.m.passedThrough(f.m.storeFailed(f, f.Size(), "write", err))
 	}
 	for len(p) > 0 {
 		n := min(len(p), f.m.window)

@@ -56,10 +56,15 @@ type StoreCondition struct {
 
 // health is the store's condition as fills see it: degraded from a failure until a fill
 // stores a blob again. It is no sticky flag: every fill tries the store.
+//
+// A store short of room takes small blobs (configs, manifests) while it fails large ones:
+// only a blob at least as large as the smallest one it failed during the condition ends
+// it, so the condition does not flap with every small blob.
 type health struct {
-	mu       sync.Mutex
-	degraded bool
-	cond     StoreCondition
+	mu        sync.Mutex
+	degraded  bool
+	cond      StoreCondition
+	minFailed int64 // the smallest size failed during the condition (0: unknown size)
 }
 
 // StoreDegraded reports whether the store is failing: the last fill that tried to
@@ -72,48 +77,59 @@ func (m *Manager) StoreDegraded() (StoreCondition, bool) {
 
 // storeFailed records a store error of op for f and returns its reason. It logs once
 // per condition: on entering it, and when its operation or reason changes.
-func (m *Manager) storeFailed(f *Fill, op string, err error) string {
+// storeFailed records a store error of op for f's blob of size bytes (-1: unknown) and
+// returns its reason. It logs once per condition: on entering it, and when its reason
+// changes.
+func (m *Manager) storeFailed(f *Fill, size int64, op string, err error) string {
 	reason := Reason(err)
 	if fn := m.events.StoreError; fn != nil {
 		fn(op, reason)
 	}
-	m.degrade(f, op, reason, err)
+	m.degrade(f, size, op, reason, err)
 	return reason
 }
 
 // reserveRefused records a refused reservation for f and returns the pass-through reason.
-func (m *Manager) reserveRefused(f *Fill, err error) string {
-	m.degrade(f, "reserve", ReasonReserveRefused, err)
+func (m *Manager) reserveRefused(f *Fill, size int64, err error) string {
+	m.degrade(f, size, "reserve", ReasonReserveRefused, err)
 	return ReasonReserveRefused
 }
 
-func (m *Manager) degrade(f *Fill, op, reason string, err error) {
+func (m *Manager) degrade(f *Fill, size int64, op, reason string, err error) {
+	size = max(size, 0)
 	m.health.mu.Lock()
 	was, prev := m.health.degraded, m.health.cond
 	m.health.degraded = true
 	m.health.cond = StoreCondition{Op: op, Reason: reason, Error: err.Error(), Since: prev.Since}
 	if !was {
 		m.health.cond.Since = time.Now()
+		m.health.minFailed = size
 	}
+	m.health.minFailed = min(m.health.minFailed, size)
 	m.health.mu.Unlock()
-	args := []any{"operation", op, "reason", reason, "error", err, "registry", f.Key.Registry, "digest", f.Key.Digest}
+	args := []any{"operation", op, "reason", reason, "error", err, "registry", f.Key.Registry, "digest", f.Key.Digest, "size", size}
 	switch {
 	case !was:
 		m.log.Warn("store cannot take blobs: passing fills through unstored until it can", args...)
 		if fn := m.events.Condition; fn != nil {
 			fn(true)
 		}
-	case prev.Op != op || prev.Reason != reason:
+	case prev.Reason != reason:
 		m.log.Warn("store still cannot take blobs, for another reason", args...)
 	default:
 		m.log.Debug("store cannot take blob: passing it through", args...)
 	}
 }
 
-// storeOK records a blob stored: the end of a degraded condition, logged once.
-func (m *Manager) storeOK() {
+// storeOK records a blob of size bytes stored: the end of a degraded condition, logged
+// once, when it is at least as large as the smallest blob the condition failed.
+func (m *Manager) storeOK(size int64) {
 	m.health.mu.Lock()
 	was, cond := m.health.degraded, m.health.cond
+	if was && size < m.health.minFailed {
+		m.health.mu.Unlock()
+		return
+	}
 	m.health.degraded = false
 	m.health.cond = StoreCondition{}
 	m.health.mu.Unlock()

@@ -64,6 +64,52 @@ func (f *Fill) serves(from int64) bool {
 	return max(from, f.spooled) >= f.win.lo
 }
 
+// A hold stands for a caller that joined from byte pos and has not made its reader yet
+// (it waits for the origin's answer, asks the origin whether it may read): the window
+// waits for it as for a reader, until its reader takes its place or the lag has passed.
+type hold struct {
+	pos   int64
+	until time.Time
+}
+
+// hold records a joiner from byte pos; f.mu must not be held.
+func (f *Fill) hold(pos int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pruneHolds()
+	f.holds = append(f.holds, hold{pos: pos, until: time.Now().Add(f.m.lag)})
+}
+
+// unhold drops the hold a reader from byte off replaces: the highest at or before off,
+// else the first; f.mu must be held.
+func (f *Fill) unhold(off int64) {
+	f.pruneHolds()
+	best := -1
+	for i, h := range f.holds {
+		if h.pos <= off && (best < 0 || h.pos > f.holds[best].pos) {
+			best = i
+		}
+	}
+	if best < 0 && len(f.holds) > 0 {
+		best = 0
+	}
+	if best >= 0 {
+		f.holds = append(f.holds[:best], f.holds[best+1:]...)
+	}
+}
+
+// pruneHolds drops expired holds; f.mu must be held.
+func (f *Fill) pruneHolds() {
+	now := time.Now()
+	kept := f.holds[:0]
+	for _, h := range f.holds {
+		if now.Before(h.until) {
+			kept = append(kept, h)
+		}
+	}
+	f.holds = kept
+}
+
 // need is the first byte r will want from the window; f.mu must be held.
 func (f *Fill) need(r *reader) int64 { return max(r.off, f.spooled) }
 
@@ -104,6 +150,12 @@ func (f *Fill) pushWindow(ctx context.Context, p []byte) error {
 			}
 			behind = true
 		}
+		f.pruneHolds()
+		for _, h := range f.holds {
+			if need := max(h.pos, f.spooled); need < newLo && need >= f.win.lo {
+				behind = true
+			}
+		}
 		if deadline.IsZero() {
 			deadline = time.Now().Add(f.m.lag)
 		}
@@ -113,6 +165,13 @@ func (f *Fill) pushWindow(ctx context.Context, p []byte) error {
 					f.cutOff(r)
 				}
 			}
+			kept := f.holds[:0] // past the lag: a joiner behind reads too late, and is cut off
+			for _, h := range f.holds {
+				if max(h.pos, f.spooled) >= newLo {
+					kept = append(kept, h)
+				}
+			}
+			f.holds = kept
 			f.win.put(p)
 			f.received += int64(len(p))
 			f.waiting = false
