@@ -36,6 +36,9 @@ type Request struct {
 	Query  string // raw query, e.g. "ns=127.0.0.1%3A5000" from containerd's mirror requests
 	Status int
 	Bytes  int64 // response body bytes the registry wrote
+	// UserAgent tells who asked: "cove-cache" for cove-cache's origin requests,
+	// containerd's own for a containerd that went to the origin itself.
+	UserAgent string
 }
 
 // RegistryOption configures StartRegistry.
@@ -214,7 +217,7 @@ func (r *Registry) Stop() { r.proc.stop() }
 
 // combined-format access log (gorilla/handlers CombinedLoggingHandler):
 // 127.0.0.1 - - [02/Jan/2006:15:04:05 -0700] "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 1234 "ref" "ua"
-var accessLine = regexp.MustCompile(`^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\S+)`)
+var accessLine = regexp.MustCompile(`^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\S+)(?: "[^"]*" "([^"]*)")?`)
 
 // Requests returns every request the registry has logged so far, oldest first,
 // parsed from its own access log, so tests see exactly what reached the registry
@@ -241,7 +244,7 @@ func (r *Registry) Requests() []Request {
 		status, _ := strconv.Atoi(m[3])
 		n, _ := strconv.ParseInt(m[4], 10, 64) // "-" parses as 0
 		path, query, _ := strings.Cut(m[2], "?")
-		out = append(out, Request{Method: m[1], Path: path, Query: query, Status: status, Bytes: n})
+		out = append(out, Request{Method: m[1], Path: path, Query: query, Status: status, Bytes: n, UserAgent: m[5]})
 	}
 	return out
 }

@@ -408,3 +408,73 @@ func TestPassThroughMemoryBounded(t *testing.T) {
 		t.Fatalf("stored %v, origin calls %d", ok, calls.Load())
 	}
 }
+
+// A caller that joined a pass-through fill and has not made its reader yet (it waits
+// for the origin's answer, or asks the origin whether it may read) keeps its place: the
+// window waits for it instead of running past the byte it will read from.
+func TestJoinerHeldUntilItReads(t *testing.T) {
+	body := randomBytes(t, 4<<20)
+	d := digest.FromBytes(body)
+	var calls atomic.Int32
+	origin := slowOrigin(t, body, &calls, nil)
+	var rs reservations
+	rs.refuse.Store(true)
+	var ev events
+	m, _, _ := newManager(t, WithReserve(rs.reserve), WithEvents(ev.hooks()),
+		WithPassThroughWindow(256<<10), WithPassThroughLag(2*time.Second))
+	f, _ := m.Join(Key{Registry: "r", Digest: d}, "o", get(origin.URL))
+	defer f.Release()
+	if _, err := f.Response(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // the origin could have sent the window 5 times over
+	got, err := readAll(f, 0, -1)
+	if err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("a joiner that read late: %v, equal %v", err, bytes.Equal(got, body))
+	}
+	if _, _, cut, _ := ev.snapshot(); cut != 0 || calls.Load() != 1 {
+		t.Fatalf("cut %d, origin calls %d", cut, calls.Load())
+	}
+}
+
+// A store that has room for small blobs only: storing a small one does not end the
+// condition a large one started; storing one as large does.
+func TestConditionOutlastsSmallBlobs(t *testing.T) {
+	large, small := randomBytes(t, 2<<20), randomBytes(t, 10<<10)
+	var calls atomic.Int32
+	oLarge, oSmall := slowOrigin(t, large, &calls, nil), slowOrigin(t, small, &calls, nil)
+	var room atomic.Int64
+	room.Store(1 << 20)
+	reserve := func(_ context.Context, _ Key, size int64) (func(bool), error) {
+		if size > room.Load() {
+			return nil, errors.New("no room")
+		}
+		return func(bool) {}, nil
+	}
+	var ev events
+	m, c, _ := newManager(t, WithReserve(reserve), WithEvents(ev.hooks()))
+	fill := func(body []byte, url string) {
+		f, _ := m.Join(Key{Registry: "r", Digest: digest.FromBytes(body)}, "o", get(url))
+		if got, err := readAll(f, 0, -1); err != nil || !bytes.Equal(got, body) {
+			t.Fatalf("read: %v", err)
+		}
+		<-f.Settled()
+		f.Release()
+	}
+	fill(large, oLarge.URL)
+	fill(small, oSmall.URL)
+	if _, ok := c.get(digest.FromBytes(small)); !ok {
+		t.Fatal("small blob not stored")
+	}
+	if _, degraded := m.StoreDegraded(); !degraded {
+		t.Fatal("a small blob stored ended the condition a large one started")
+	}
+	room.Store(4 << 20)
+	fill(large, oLarge.URL)
+	if _, degraded := m.StoreDegraded(); degraded {
+		t.Fatal("still degraded after the large blob was stored")
+	}
+	if _, _, _, conditions := ev.snapshot(); fmt.Sprint(conditions) != "[true false]" {
+		t.Fatalf("conditions %v, want [true false]", conditions)
+	}
+}
