@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -48,18 +47,17 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 		s.mu.Lock()
 		over := s.usedLocked() + cost - max
 		if max == 0 || over <= 0 {
+			r := &reservation{cost: cost}
 			s.reserved += cost
+			s.resv[key.Digest] = append(s.resv[key.Digest], r)
 			s.gaugesLocked()
 			s.mu.Unlock()
 			s.kickEvict() // past the high watermark: make room ahead of the next fill
-			var once sync.Once
 			return func(bool) {
-				once.Do(func() {
-					s.mu.Lock()
-					s.reserved -= cost
-					s.gaugesLocked()
-					s.mu.Unlock()
-				})
+				s.mu.Lock()
+				s.endReservationLocked(key.Digest, r)
+				s.gaugesLocked()
+				s.mu.Unlock()
 			}, nil
 		}
 		s.mu.Unlock()
@@ -67,6 +65,33 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 			s.m.ReserveRefused.Inc()
 			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes): the rest of the store is pinned, being read or reserved", errdefs.ErrResourceExhausted, key.Digest, size)
 		}
+	}
+}
+
+// reservation is room held for one fill until its blob is stored or the fill ends.
+type reservation struct {
+	cost  int64
+	ended bool
+}
+
+// endReservationLocked gives a reservation's room back, once; s.mu must be held.
+func (s *Store) endReservationLocked(d digest.Digest, r *reservation) {
+	if r.ended {
+		return
+	}
+	r.ended = true
+	s.reserved -= r.cost
+	list := s.resv[d]
+	for i, x := range list {
+		if x == r {
+			list = append(list[:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(s.resv, d)
+	} else {
+		s.resv[d] = list
 	}
 }
 

@@ -357,3 +357,29 @@ func TestParseSize(t *testing.T) {
 		t.Error("ParseMinFree(100%) accepted")
 	}
 }
+
+// A fill's reservation ends when its blob is stored: the bytes are counted once.
+func TestReservationEndsAtCommit(t *testing.T) {
+	f := newFixture(t, 480*kib)
+	ctx := context.Background()
+	b := make([]byte, 100*kib)
+	rand.Read(b)
+	d := digest.FromBytes(b)
+	release, err := f.s.Reserve(ctx, fill.Key{Registry: "reg.example", Digest: d}, int64(len(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if used := f.s.Used(); used != 108*kib {
+		t.Fatalf("used with the reservation = %d KiB, want 108", used/kib)
+	}
+	if err := f.s.Put(ctx, d, int64(len(b)), bytes.NewReader(b)); err != nil {
+		t.Fatal(err)
+	}
+	if used := f.s.Used(); used != 100*kib {
+		t.Fatalf("used once stored = %d KiB, want 100 (counted once)", used/kib)
+	}
+	release(true)
+	if used := f.s.Used(); used != 100*kib {
+		t.Fatalf("used after release = %d KiB, want 100", used/kib)
+	}
+}

@@ -92,6 +92,7 @@ type Store struct {
 	owner      map[string]digest.Digest // record key -> the blob it goes with
 	stored     int64                    // sum of entry costs
 	reserved   int64
+	resv       map[digest.Digest][]*reservation
 	indexBytes int64
 	pinned     map[digest.Digest]struct{}
 	dirty      bool // changed since the index was written
@@ -152,6 +153,7 @@ func New(inner storage.Driver, cfg Config) (*Store, error) {
 		pending:  map[digest.Digest]*pending{},
 		owner:    map[string]digest.Digest{},
 		pinned:   map[digest.Digest]struct{}{},
+		resv:     map[digest.Digest][]*reservation{},
 		kick:     make(chan struct{}, 1),
 		pinKick:  make(chan struct{}, 1),
 	}
@@ -330,6 +332,10 @@ func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
 			delete(s.pending, d)
 		}
 		s.stored += e.cost()
+		// A fill's room now counts as stored: its reservation ends at commit.
+		if list := s.resv[d]; len(list) > 0 {
+			s.endReservationLocked(d, list[0])
+		}
 	}
 	if reading {
 		e.refs++
