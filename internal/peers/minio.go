@@ -28,7 +28,9 @@ type MinIO struct {
 	// Dir holds the data; LogPath the server's output.
 	Dir, LogPath string
 
-	proc *proc
+	proc      *proc
+	bin       string
+	args, env []string
 }
 
 // StartMinIO starts MinIO on a free loopback port with a temporary data directory and
@@ -42,7 +44,8 @@ func StartMinIO(t testing.TB) *MinIO {
 	for attempt := 0; attempt < 3; attempt++ {
 		m, err := startMinIO(bin, base, attempt)
 		if err == nil {
-			t.Cleanup(m.Stop)
+			// Cleanup stops whichever process runs then (Restart replaces it).
+			t.Cleanup(func() { m.Stop() })
 			if err := m.MakeBucket(context.Background(), m.Bucket); err != nil {
 				t.Fatalf("peers: %v", err)
 			}
@@ -89,16 +92,31 @@ func startMinIO(bin, base string, attempt int) (*MinIO, error) {
 	)
 	args := []string{"server", filepath.Join(dir, "data"), "--quiet",
 		"--address", addr, "--console-address", fmt.Sprintf("127.0.0.1:%d", consolePort)}
-	p, err := startProc("minio", bin, args, env, m.LogPath, m.LogPath, 5*time.Second)
+	m.bin, m.args, m.env = bin, args, env
+	return m, m.start()
+}
+
+func (m *MinIO) start() error {
+	p, err := startProc("minio", m.bin, m.args, m.env, m.LogPath, m.LogPath, 5*time.Second)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	m.proc = p
 	if err := waitHTTP(p, m.Endpoint+"/minio/health/live", 30*time.Second); err != nil {
 		p.stop()
-		return nil, fmt.Errorf("minio at %s did not start: %v\nminio log %s (tail):\n%s", addr, err, m.LogPath, logTail(m.LogPath, 30))
+		return fmt.Errorf("minio at %s did not start: %v\nminio log %s (tail):\n%s", m.Addr, err, m.LogPath, logTail(m.LogPath, 30))
 	}
-	return m, nil
+	return nil
+}
+
+// Restart starts a stopped server again on the same address, data and credentials (what
+// a store that comes back looks like to its clients).
+func (m *MinIO) Restart(t testing.TB) {
+	t.Helper()
+	m.Stop()
+	if err := m.start(); err != nil {
+		t.Fatalf("peers: %v", err)
+	}
 }
 
 // minioEnv is cleanEnv without the host's MinIO and AWS settings, plus extra.

@@ -72,11 +72,15 @@ func (b *blob) readAt(p []byte, off int64) (int, error) {
 		b.body = nil
 	}
 	if b.body == nil {
+		if err := b.d.up.check(); err != nil {
+			return 0, err
+		}
 		var opts minio.GetObjectOptions
 		if err := opts.SetRange(off, b.size-1); err != nil {
 			return 0, err
 		}
 		body, _, _, err := b.d.core.GetObject(b.ctx, b.d.bucket, b.key, opts)
+		b.d.up.note(b.ctx, err)
 		if err != nil {
 			return 0, classify(err, b.name)
 		}

@@ -30,7 +30,8 @@ func (d *Driver) Put(ctx context.Context, dgst digest.Digest, size int64, r io.R
 	}
 	if n, err := d.Stat(ctx, dgst); err == nil && n == size {
 		return nil // content-addressed: the same digest is the same bytes
-	} else if err != nil && !errdefs.IsNotFound(err) {
+	}
+	if err := d.up.check(); err != nil {
 		return err
 	}
 	vr := storage.VerifyingReader(&ctxReader{ctx: ctx, r: r}, dgst, size)
@@ -54,6 +55,7 @@ func (d *Driver) putSingle(ctx context.Context, key string, dgst digest.Digest, 
 	}
 	_, err := d.client.PutObject(ctx, d.bucket, key, bytes.NewReader(buf), int64(len(buf)),
 		minio.PutObjectOptions{ContentType: "application/octet-stream", DisableMultipart: true})
+	d.up.note(ctx, err)
 	return classify(err, "storing "+dgst.String())
 }
 
@@ -61,6 +63,7 @@ func (d *Driver) putSingle(ctx context.Context, key string, dgst digest.Digest, 
 // blob has matched, and the upload is completed only then. Any failure aborts it.
 func (d *Driver) putMultipart(ctx context.Context, key string, dgst digest.Digest, vr io.Reader, size int64, buf []byte) (err error) {
 	uploadID, err := d.core.NewMultipartUpload(ctx, d.bucket, key, minio.PutObjectOptions{ContentType: "application/octet-stream"})
+	d.up.note(ctx, err)
 	if err != nil {
 		return classify(err, "starting upload of "+dgst.String())
 	}
@@ -91,6 +94,7 @@ func (d *Driver) putMultipart(ctx context.Context, key string, dgst digest.Diges
 			}
 		}
 		part, err := d.core.PutObjectPart(ctx, d.bucket, key, uploadID, num, bytes.NewReader(buf[:n]), n, minio.PutObjectPartOptions{})
+		d.up.note(ctx, err)
 		if err != nil {
 			return classify(err, fmt.Sprintf("uploading part %d of %s", num, dgst))
 		}

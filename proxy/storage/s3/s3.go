@@ -48,6 +48,9 @@ const (
 	maxParts = 10000
 	// maxRecordSize bounds what GetRecord reads: records are small metadata values.
 	maxRecordSize = 1 << 20
+	// metaTimeout bounds one small request (a stat, a record): a store that hangs costs a
+	// cache hit, not a pull.
+	metaTimeout = 10 * time.Second
 	// staleUploadAge: incomplete uploads older than this are aborted at start (a crash
 	// or kill -9 mid-upload leaves one behind; uploads of other replicas are younger).
 	staleUploadAge = 24 * time.Hour
@@ -76,11 +79,13 @@ type Config struct {
 
 // Driver is a storage.Driver over one S3 bucket.
 type Driver struct {
-	client   *minio.Client
+	client   *minio.Client // retries failed requests: writes, listings, blob reads
+	lookup   *minio.Client // tries once: stats and record reads on the request path
 	core     minio.Core
 	bucket   string
 	endpoint string // scheme://host, for errors and logs
 	partSize int64
+	up       breaker
 	log      *slog.Logger
 }
 
@@ -142,19 +147,27 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	if secure {
 		scheme = "https"
 	}
-	client, err := minio.New(host, &minio.Options{
-		Creds:     DefaultCredentials(),
-		Secure:    secure,
-		Region:    cfg.Region,
-		Transport: cfg.Transport,
-		// A few retries ride out a blip; an endpoint that is down fails in seconds.
-		MaxRetries: 3,
-	})
+	creds := DefaultCredentials()
+	newClient := func(retries int) (*minio.Client, error) {
+		c, err := minio.New(host, &minio.Options{Creds: creds, Secure: secure, Region: cfg.Region, Transport: cfg.Transport, MaxRetries: retries})
+		if err != nil {
+			return nil, fmt.Errorf("S3 client for %s://%s: %w", scheme, host, err)
+		}
+		return c, nil
+	}
+	// Writes retry a few times to ride out a blip. A lookup that fails is a cache miss,
+	// so lookups are not retried: a store that is down costs each pull milliseconds.
+	client, err := newClient(3)
 	if err != nil {
-		return nil, fmt.Errorf("S3 client for %s://%s: %w", scheme, host, err)
+		return nil, err
+	}
+	lookup, err := newClient(1)
+	if err != nil {
+		return nil, err
 	}
 	d := &Driver{
 		client:   client,
+		lookup:   lookup,
 		core:     minio.Core{Client: client},
 		bucket:   cfg.Bucket,
 		endpoint: scheme + "://" + host,
@@ -231,12 +244,29 @@ func classify(err error, what string) error {
 	return fmt.Errorf("S3: %s: %w", what, err)
 }
 
+// meta runs one small request under metaTimeout, through the breaker. fn returns
+// minio-go's own errors, unclassified.
+func (d *Driver) meta(ctx context.Context, fn func(ctx context.Context) error) error {
+	if err := d.up.check(); err != nil {
+		return err
+	}
+	mctx, cancel := context.WithTimeout(ctx, metaTimeout)
+	defer cancel()
+	err := fn(mctx)
+	d.up.note(ctx, err)
+	return err
+}
+
 func (d *Driver) Stat(ctx context.Context, dgst digest.Digest) (int64, error) {
 	key, err := blobKey(dgst)
 	if err != nil {
 		return 0, err
 	}
-	info, err := d.client.StatObject(ctx, d.bucket, key, minio.StatObjectOptions{})
+	var info minio.ObjectInfo
+	err = d.meta(ctx, func(ctx context.Context) (err error) {
+		info, err = d.lookup.StatObject(ctx, d.bucket, key, minio.StatObjectOptions{})
+		return err
+	})
 	if err != nil {
 		return 0, classify(err, dgst.String())
 	}
@@ -244,15 +274,12 @@ func (d *Driver) Stat(ctx context.Context, dgst digest.Digest) (int64, error) {
 }
 
 func (d *Driver) Open(ctx context.Context, dgst digest.Digest) (storage.Blob, error) {
-	key, err := blobKey(dgst)
+	size, err := d.Stat(ctx, dgst)
 	if err != nil {
 		return nil, err
 	}
-	info, err := d.client.StatObject(ctx, d.bucket, key, minio.StatObjectOptions{})
-	if err != nil {
-		return nil, classify(err, dgst.String())
-	}
-	return &blob{ctx: ctx, d: d, key: key, name: dgst.String(), size: info.Size}, nil
+	key, _ := blobKey(dgst)
+	return &blob{ctx: ctx, d: d, key: key, name: dgst.String(), size: size}, nil
 }
 
 func (d *Driver) Delete(ctx context.Context, dgst digest.Digest) error {
@@ -266,10 +293,12 @@ func (d *Driver) Delete(ctx context.Context, dgst digest.Digest) error {
 // remove deletes key, answering ErrNotFound when it is absent (S3's DELETE succeeds
 // either way, so it is asked first).
 func (d *Driver) remove(ctx context.Context, key, what string) error {
-	if _, err := d.client.StatObject(ctx, d.bucket, key, minio.StatObjectOptions{}); err != nil {
-		return classify(err, what)
-	}
-	return classify(d.client.RemoveObject(ctx, d.bucket, key, minio.RemoveObjectOptions{}), what)
+	return classify(d.meta(ctx, func(ctx context.Context) error {
+		if _, err := d.client.StatObject(ctx, d.bucket, key, minio.StatObjectOptions{}); err != nil {
+			return err
+		}
+		return d.client.RemoveObject(ctx, d.bucket, key, minio.RemoveObjectOptions{})
+	}), what)
 }
 
 func (d *Driver) PutRecord(ctx context.Context, key string, value []byte) error {
@@ -277,9 +306,11 @@ func (d *Driver) PutRecord(ctx context.Context, key string, value []byte) error 
 	if err != nil {
 		return err
 	}
-	_, err = d.client.PutObject(ctx, d.bucket, k, bytes.NewReader(value), int64(len(value)),
-		minio.PutObjectOptions{ContentType: "application/octet-stream", DisableMultipart: true})
-	return classify(err, "record "+key)
+	return classify(d.meta(ctx, func(ctx context.Context) error {
+		_, err := d.client.PutObject(ctx, d.bucket, k, bytes.NewReader(value), int64(len(value)),
+			minio.PutObjectOptions{ContentType: "application/octet-stream", DisableMultipart: true})
+		return err
+	}), "record "+key)
 }
 
 func (d *Driver) GetRecord(ctx context.Context, key string) ([]byte, error) {
@@ -287,12 +318,16 @@ func (d *Driver) GetRecord(ctx context.Context, key string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	body, _, _, err := d.core.GetObject(ctx, d.bucket, k, minio.GetObjectOptions{})
-	if err != nil {
-		return nil, classify(err, "record "+key)
-	}
-	defer body.Close()
-	b, err := io.ReadAll(io.LimitReader(body, maxRecordSize+1))
+	var b []byte
+	err = d.meta(ctx, func(ctx context.Context) error {
+		body, _, _, err := minio.Core{Client: d.lookup}.GetObject(ctx, d.bucket, k, minio.GetObjectOptions{})
+		if err != nil {
+			return err
+		}
+		defer body.Close()
+		b, err = io.ReadAll(io.LimitReader(body, maxRecordSize+1))
+		return err
+	})
 	if err != nil {
 		return nil, classify(err, "record "+key)
 	}
@@ -337,6 +372,9 @@ func (d *Driver) ListRecords(ctx context.Context, prefix string, fn func(key str
 func (d *Driver) list(ctx context.Context, prefix string, fn func(name string, size int64) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // ends the lister's goroutine when fn stops early
+	if err := d.up.check(); err != nil {
+		return err
+	}
 	for obj := range d.client.ListObjects(ctx, d.bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true}) {
 		if obj.Err != nil {
 			return classify(obj.Err, "listing "+prefix)

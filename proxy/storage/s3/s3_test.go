@@ -320,3 +320,48 @@ func TestSharedCredentialsFile(t *testing.T) {
 		t.Fatalf("New with the default profile's wrong key: %v", err)
 	}
 }
+
+// TestStoreDownFailsFast: once S3 stopped answering, requests fail at once with
+// ErrUnavailable instead of each waiting for retries; when it answers again, the driver
+// uses it again.
+func TestStoreDownFailsFast(t *testing.T) {
+	m := peers.StartMinIO(t)
+	useEnvCredentials(t, m)
+	d, err := s3.New(context.Background(), s3.Config{Endpoint: m.Endpoint, Bucket: m.Bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	data, dgst := storagetest.RandomBlob(t, 1000)
+	m.Stop()
+	if _, err := d.Stat(ctx, dgst); err == nil || errdefs.IsNotFound(err) {
+		t.Fatalf("Stat with S3 down: %v", err)
+	}
+	start := time.Now()
+	for range 20 {
+		if _, err := d.GetRecord(ctx, "some/record"); !errdefs.IsUnavailable(err) {
+			t.Fatalf("GetRecord with S3 down: %v, want unavailable", err)
+		}
+		if err := d.Put(ctx, dgst, int64(len(data)), bytes.NewReader(data)); !errdefs.IsUnavailable(err) {
+			t.Fatalf("Put with S3 down: %v, want unavailable", err)
+		}
+	}
+	if el := time.Since(start); el > 500*time.Millisecond {
+		t.Errorf("40 requests with S3 down took %v: they should fail at once", el)
+	}
+	m.Restart(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := d.Put(ctx, dgst, int64(len(data)), bytes.NewReader(data))
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Put 10 s after S3 came back: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n, err := d.Stat(ctx, dgst); err != nil || n != int64(len(data)) {
+		t.Fatalf("Stat after S3 came back: %d, %v", n, err)
+	}
+}
