@@ -175,8 +175,10 @@ func (f *Fill) append(ctx context.Context, p []byte, off int64) error {
 		f.passThrough()
 		f.m.passedThrough(f.m.storeFailed(f, f.Size(), "write", err))
 	}
+	// At most a quarter of the window at a time: a reader waiting for the next bytes is
+	// never among those the window must wait for.
 	for len(p) > 0 {
-		n := min(len(p), f.m.window)
+		n := min(len(p), max(f.m.window/4, 1))
 		if err := f.pushWindow(ctx, p[:n]); err != nil {
 			return err
 		}
