@@ -230,6 +230,7 @@ func (s *Store) Close(ctx context.Context) error {
 	s.cancel()
 	<-s.done
 	s.cancel = nil
+	s.closed.Store(true) // first: a change after the clean write's snapshot writes it unclean
 	return s.writeIndex(ctx, true)
 }
 

@@ -114,6 +114,8 @@ func decodeIndex(b []byte) (*indexFile, error) {
 
 // writeIndex persists the accounting (atomically: PutRecord).
 func (s *Store) writeIndex(ctx context.Context, clean bool) error {
+	s.indexMu.Lock() // writes land in the order of their snapshots
+	defer s.indexMu.Unlock()
 	s.mu.Lock()
 	idx := indexFile{Version: indexVersion, Clean: clean, Written: s.now().UTC(), Swept: s.swept,
 		Blobs: make([]indexBlob, 0, len(s.blobs))}

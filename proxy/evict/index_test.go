@@ -203,3 +203,25 @@ func (s *Store) storedBytes() int64 {
 	defer s.mu.Unlock()
 	return s.stored
 }
+
+// A blob stored after Close wrote the index clean (a fill ending during shutdown) marks
+// it unclean again, so the next start walks the store instead of missing the blob.
+func TestChangeAfterCloseUnmarksIndex(t *testing.T) {
+	f := newFixture(t, 0)
+	ctx := context.Background()
+	f.s.Start(ctx)
+	f.put(100 * kib)
+	if err := f.s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	late := f.put(100 * kib)
+	f.s = f.open(0)
+	f.s.Start(ctx)
+	defer f.s.Close(ctx)
+	waitFor(t, func() bool { return testutil.ToFloat64(f.m.WalkedBlobs) == 2 })
+	waitFor(t, func() bool {
+		f.s.mu.Lock()
+		defer f.s.mu.Unlock()
+		return f.s.blobs[late] != nil
+	})
+}

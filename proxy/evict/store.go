@@ -101,6 +101,8 @@ type Store struct {
 	kick      chan struct{}
 	pinKick   chan struct{}
 	pinsDirty atomic.Bool
+	closed    atomic.Bool // the clean index is written: a later change must unmark it
+	indexMu   sync.Mutex
 	pinMu     sync.Mutex // one pin resolution at a time
 	cancel    context.CancelFunc
 	done      chan struct{}
@@ -246,17 +248,19 @@ func (s *Store) Put(ctx context.Context, d digest.Digest, size int64, r io.Reade
 // AdoptFile adopts through the inner driver when it can, else stores the file with Put.
 // A fill's room was reserved before it started (Reserve).
 func (s *Store) AdoptFile(ctx context.Context, d digest.Digest, size int64, path string) error {
-	ad, ok := s.inner.(storage.FileAdopter)
-	if !ok {
-		f, err := os.Open(path)
-		if err != nil {
-			return err
+	var err error
+	if ad, ok := s.inner.(storage.FileAdopter); ok {
+		err = ad.AdoptFile(ctx, d, size, path)
+	} else {
+		// Not s.Put: the fill's reservation already holds the room.
+		var f *os.File
+		if f, err = os.Open(path); err == nil {
+			err = s.inner.Put(ctx, d, size, f)
+			f.Close()
+			os.Remove(path)
 		}
-		defer os.Remove(path)
-		defer f.Close()
-		return s.Put(ctx, d, size, f)
 	}
-	if err := ad.AdoptFile(ctx, d, size, path); err != nil {
+	if err != nil {
 		if ctx.Err() == nil {
 			s.m.Errors.WithLabelValues("put").Inc()
 		}
@@ -296,6 +300,9 @@ func (s *Store) PutRecord(ctx context.Context, key string, value []byte) error {
 		s.kickPins()
 	} else if len(s.pins.patterns) > 0 && strings.HasPrefix(key, "manifesttype/") {
 		s.kickPins() // a pinned image's child manifest may just have been stored
+	}
+	if ok {
+		s.changedAfterClose()
 	}
 	return nil
 }
@@ -345,7 +352,17 @@ func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
 	s.gaugesLocked()
 	s.mu.Unlock()
 	s.kickEvict()
+	s.changedAfterClose()
 	return e
+}
+
+// changedAfterClose rewrites the index unclean when the store changes after Close wrote
+// it clean (a fill that ended during shutdown): the next start then walks the store
+// rather than trust an index that misses a blob.
+func (s *Store) changedAfterClose() {
+	if s.closed.Load() {
+		_ = s.writeIndex(context.Background(), false)
+	}
 }
 
 // forget drops a blob from the accounting (its records' owners too).
