@@ -217,6 +217,14 @@ func (s *Store) evictAhead(ctx context.Context) {
 func (s *Store) Start(ctx context.Context) {
 	ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	s.done = make(chan struct{})
+	args := []any{"max_size", s.cfg.MaxSize, "pins", len(s.pins.patterns)}
+	if s.cfg.MaxSize > 0 {
+		args = append(args, "high", int64(s.cfg.High*float64(s.cfg.MaxSize)), "low", int64(s.cfg.Low*float64(s.cfg.MaxSize)))
+	}
+	if !s.cfg.MinFree.IsZero() {
+		args = append(args, "min_free_bytes", s.cfg.MinFree.Bytes, "min_free_percent", s.cfg.MinFree.Percent)
+	}
+	s.log.Info("storage bound", args...)
 	rebuild := s.loadIndex(ctx)
 	s.loadPins(ctx)
 	go s.loop(ctx, rebuild)
