@@ -16,7 +16,8 @@ import (
 	"github.com/cove-oci/cove/proxy/storage"
 )
 
-// Put stores the blob read from r. It holds at most one part (PartSize bytes) in memory.
+// Put stores the blob read from r. It holds at most one part (PartSize bytes) in memory,
+// and at most MaxUploads blobs larger than 1 MiB are uploaded at once (others wait).
 // The last part is read, and the whole blob checked against dgst and size, before that
 // part is sent: a blob that does not match is never completed (its multipart upload is
 // aborted, or its single PUT never sent), so nothing of it becomes visible.
@@ -35,6 +36,15 @@ func (d *Driver) Put(ctx context.Context, dgst digest.Digest, size int64, r io.R
 		return err
 	}
 	vr := storage.VerifyingReader(&ctxReader{ctx: ctx, r: r}, dgst, size)
+	if size <= smallBlob {
+		return d.putSingle(ctx, key, dgst, vr, make([]byte, size))
+	}
+	select {
+	case d.uploads <- struct{}{}:
+		defer func() { <-d.uploads }()
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	partSize := d.partSizeFor(size)
 	bp := d.getBuf(partSize)
 	defer d.putBuf(bp)

@@ -44,6 +44,11 @@ const (
 	// DefaultPartSize is the multipart part size, and the largest blob sent with a
 	// single PUT: the memory one upload holds.
 	DefaultPartSize = 16 << 20
+	// DefaultMaxUploads is how many large blobs are uploaded at once.
+	DefaultMaxUploads = 4
+	// smallBlob: blobs up to this size are read into a buffer of their own size and never
+	// wait for an upload slot.
+	smallBlob = 1 << 20
 	// maxParts is S3's limit on the parts of one multipart upload.
 	maxParts = 10000
 	// maxRecordSize bounds what GetRecord reads: records are small metadata values.
@@ -72,6 +77,10 @@ type Config struct {
 	Region string
 	// PartSize is the multipart part size (DefaultPartSize when 0; at least 5 MiB).
 	PartSize int64
+	// MaxUploads bounds the blobs larger than 1 MiB being uploaded at once, each holding
+	// one part buffer (DefaultMaxUploads when 0): memory for uploads is at most
+	// MaxUploads*PartSize. Smaller blobs (manifests, configs) never wait for a slot.
+	MaxUploads int
 	// Transport overrides the HTTP transport (tests; custom CAs).
 	Transport http.RoundTripper
 	Logger    *slog.Logger
@@ -85,6 +94,7 @@ type Driver struct {
 	bucket   string
 	endpoint string // scheme://host, for errors and logs
 	partSize int64
+	uploads  chan struct{} // upload slots for blobs larger than smallBlob
 	up       breaker
 	log      *slog.Logger
 }
@@ -140,6 +150,9 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.PartSize < 5<<20 {
 		return nil, fmt.Errorf("%w: S3 part size %d is below S3's minimum of 5 MiB", errdefs.ErrInvalidArgument, cfg.PartSize)
 	}
+	if cfg.MaxUploads <= 0 {
+		cfg.MaxUploads = DefaultMaxUploads
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -172,6 +185,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		bucket:   cfg.Bucket,
 		endpoint: scheme + "://" + host,
 		partSize: cfg.PartSize,
+		uploads:  make(chan struct{}, cfg.MaxUploads),
 		log:      cfg.Logger,
 	}
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)

@@ -365,3 +365,65 @@ func TestStoreDownFailsFast(t *testing.T) {
 		t.Fatalf("Stat after S3 came back: %d, %v", n, err)
 	}
 }
+
+// activeReader counts the Puts reading their source at once: from the first Read to EOF.
+type activeReader struct {
+	r            io.Reader
+	started      bool
+	active, peak *atomic.Int64
+}
+
+func (a *activeReader) Read(p []byte) (int, error) {
+	if !a.started {
+		a.started = true
+		n := a.active.Add(1)
+		for {
+			old := a.peak.Load()
+			if n <= old || a.peak.CompareAndSwap(old, n) {
+				break
+			}
+		}
+		time.Sleep(20 * time.Millisecond) // let the others catch up
+	}
+	n, err := a.r.Read(p)
+	if err == io.EOF {
+		a.active.Add(-1)
+	}
+	return n, err
+}
+
+// TestUploadsBounded: with MaxUploads 2, eight large Puts at once read at most two
+// sources at a time (two part buffers); small blobs do not wait behind them.
+func TestUploadsBounded(t *testing.T) {
+	m := peers.StartMinIO(t)
+	useEnvCredentials(t, m)
+	d, _ := newDriver(t, m, s3.Config{MaxUploads: 2})
+	ctx := context.Background()
+	var active, peak atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		data, dgst := storagetest.RandomBlob(t, partSize+4096)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.Put(ctx, dgst, int64(len(data)), &activeReader{r: bytes.NewReader(data), active: &active, peak: &peak}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	time.Sleep(30 * time.Millisecond)
+	small, sdgst := storagetest.RandomBlob(t, 2000)
+	start := time.Now()
+	if err := d.Put(ctx, sdgst, int64(len(small)), bytes.NewReader(small)); err != nil {
+		t.Fatal(err)
+	}
+	smallTook := time.Since(start)
+	wg.Wait()
+	if p := peak.Load(); p != 2 {
+		t.Errorf("%d uploads read their source at once, want 2 (MaxUploads)", p)
+	}
+	t.Logf("a small Put during eight large ones took %v", smallTook)
+	if smallTook > time.Second {
+		t.Errorf("a small Put waited %v behind large uploads", smallTook)
+	}
+}
