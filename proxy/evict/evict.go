@@ -132,18 +132,20 @@ func (s *Store) evictBytes(ctx context.Context, need int64, trigger string) int6
 		if freed >= need || ctx.Err() != nil {
 			break
 		}
-		freed += s.evictOne(ctx, c.d, trigger)
+		freed += s.evictOne(ctx, c.d, c.atime, trigger)
 	}
 	return freed
 }
 
 // evictOne removes one blob: its records first (so it is never served without them),
-// then the blob. Stat and Open answer not found from the moment it is chosen.
-func (s *Store) evictOne(ctx context.Context, d digest.Digest, trigger string) int64 {
+// then the blob. Stat and Open answer not found from the moment it is chosen. A blob
+// used since the candidates were listed (atime changed; anyAtime: no check) stays: the
+// server's Stat before an Open is such a use, so a blob about to be read is kept.
+func (s *Store) evictOne(ctx context.Context, d digest.Digest, atime int64, trigger string) int64 {
 	s.mu.Lock()
 	e := s.blobs[d]
 	_, pin := s.pinned[d]
-	if e == nil || e.refs > 0 || pin {
+	if e == nil || e.refs > 0 || pin || (atime != anyAtime && e.atime != atime) {
 		s.mu.Unlock()
 		return 0
 	}
@@ -181,6 +183,8 @@ func (s *Store) evictOne(ctx context.Context, d digest.Digest, trigger string) i
 	s.log.Debug("evicted", "digest", d, "size", e.size, "trigger", trigger, "last_access", time.Unix(0, e.atime).UTC())
 	return cost
 }
+
+const anyAtime = -1
 
 // evictAhead frees down to the low watermark once usage passes the high one, and keeps
 // MinFree of the filesystem free.

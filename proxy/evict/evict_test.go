@@ -314,11 +314,11 @@ func TestRecordsGoWithTheirBlob(t *testing.T) {
 	}
 	b := f.put(100 * kib)
 	putTag(t, f.s, tag, b) // the tag moved: it now goes with b
-	f.s.evictOne(ctx, a, triggerMaxSize)
+	f.s.evictOne(ctx, a, anyAtime, triggerMaxSize)
 	if _, err := f.inner.GetRecord(ctx, tag); err != nil {
 		t.Fatalf("tag record removed with its old manifest: %v", err)
 	}
-	f.s.evictOne(ctx, b, triggerMaxSize)
+	f.s.evictOne(ctx, b, anyAtime, triggerMaxSize)
 	if _, err := f.inner.GetRecord(ctx, tag); !errdefs.IsNotFound(err) {
 		t.Fatalf("tag record outlived its manifest: %v", err)
 	}
@@ -382,4 +382,23 @@ func TestReservationEndsAtCommit(t *testing.T) {
 	if used := f.s.Used(); used != 100*kib {
 		t.Fatalf("used after release = %d KiB, want 100", used/kib)
 	}
+}
+
+// A blob stat-ed after the evictor listed its candidates (the server stats before it
+// opens) is not evicted by that round.
+func TestStatBeforeOpenKeepsBlob(t *testing.T) {
+	f := newFixture(t, 0)
+	ctx := context.Background()
+	a := f.put(100 * kib)
+	f.s.mu.Lock()
+	listed := f.s.blobs[a].atime
+	f.s.mu.Unlock()
+	f.clk.Advance(time.Second)
+	if _, err := f.s.Stat(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	if freed := f.s.evictOne(ctx, a, listed, triggerMaxSize); freed != 0 {
+		t.Fatal("a blob used since it was listed was evicted")
+	}
+	f.wantStored(map[digest.Digest]bool{a: true})
 }

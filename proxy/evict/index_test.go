@@ -103,7 +103,7 @@ func TestCorruptIndexRebuilt(t *testing.T) {
 		t.Errorf("orphans removed = %v, want 3", got)
 	}
 	f.wantStored(map[digest.Digest]bool{a: true})
-	f.s.evictOne(ctx, a, triggerMaxSize)
+	f.s.evictOne(ctx, a, anyAtime, triggerMaxSize)
 	f.wantStored(map[digest.Digest]bool{a: false}) // its records went with it
 }
 

@@ -166,9 +166,15 @@ func New(inner storage.Driver, cfg Config) (*Store, error) {
 // Inner is the wrapped driver.
 func (s *Store) Inner() storage.Driver { return s.inner }
 
+// Stat is a use: the server stats a blob before it opens it, and a blob used since the
+// evictor listed its candidates is not evicted.
 func (s *Store) Stat(ctx context.Context, d digest.Digest) (int64, error) {
 	s.mu.Lock()
 	_, gone := s.deleting[d]
+	if e := s.blobs[d]; e != nil && !gone {
+		e.atime = s.now().UnixNano()
+		s.dirty = true
+	}
 	s.mu.Unlock()
 	if gone {
 		return 0, errdefs.ErrNotFound
