@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -157,7 +158,7 @@ func TestFullDiskPassThrough(t *testing.T) {
 			if err := c.Pull(ctx, img.Ref); err != nil {
 				t.Fatalf("pull with a full store: %v\ncove-cache log:\n%s", err, tail(cove.LogPath))
 			}
-			t.Logf("cold pull of %d MiB with a 40 MiB store took %s", img.Size>>20, time.Since(start).Round(time.Millisecond))
+			t.Logf("cold pull of %d MiB with a 40 MiB store took %s; cove-cache peak RSS %s", img.Size>>20, time.Since(start).Round(time.Millisecond), peakRSS(cove.Pid()))
 			peers.CheckPulled(t, ctx, c, img)
 			checkOriginBlobGETs(t, origin, from, allBlobs(img))
 			if node != nil {
@@ -195,9 +196,11 @@ func TestFullDiskPassThrough(t *testing.T) {
 			}
 			from = len(origin.Requests())
 			c2 := peers.StartContainerd(t, peers.WithMirror(mirror))
+			start = time.Now()
 			if err := c2.Pull(ctx, img.Ref); err != nil {
 				t.Fatalf("pull after space returned: %v", err)
 			}
+			t.Logf("pull after space returned (storing) took %s", time.Since(start).Round(time.Millisecond))
 			peers.CheckPulled(t, ctx, c2, img)
 			var refetched []string
 			for _, d := range allBlobs(img) {
@@ -238,6 +241,17 @@ func TestFullDiskPassThrough(t *testing.T) {
 			}
 		})
 	}
+}
+
+// peakRSS is a process's VmHWM from /proc, for the log.
+func peakRSS(pid int) string {
+	b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
 }
 
 func tail(path string) string {
