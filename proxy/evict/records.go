@@ -1,8 +1,11 @@
 package evict
 
 import (
+	"context"
 	"encoding/json"
 	"strings"
+
+	"github.com/containerd/errdefs"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -56,4 +59,76 @@ func recordDigest(key string, value []byte) (digest.Digest, bool) {
 		return "", false
 	}
 	return d, true
+}
+
+// attach notes a record with the blob it goes with (or, before the blob is stored, as
+// pending for it).
+func (s *Store) attach(key string, d digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if old, ok := s.owner[key]; ok {
+		if old == d {
+			return
+		}
+		s.detachLocked(key)
+	}
+	s.owner[key] = d
+	if e := s.blobs[d]; e != nil {
+		e.records[key] = struct{}{}
+		s.stored += recordCost
+	} else {
+		p := s.pending[d]
+		if p == nil {
+			p = &pending{keys: map[string]struct{}{}, since: s.now().UnixNano()}
+			s.pending[d] = p
+		}
+		p.keys[key] = struct{}{}
+	}
+	s.dirty = true
+	s.gaugesLocked()
+}
+
+func (s *Store) detach(key string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.detachLocked(key)
+	s.gaugesLocked()
+}
+
+func (s *Store) detachLocked(key string) {
+	d, ok := s.owner[key]
+	if !ok {
+		return
+	}
+	delete(s.owner, key)
+	if e := s.blobs[d]; e != nil {
+		if _, ok := e.records[key]; ok {
+			delete(e.records, key)
+			s.stored -= recordCost
+		}
+	}
+	if p := s.pending[d]; p != nil {
+		delete(p.keys, key)
+		if len(p.keys) == 0 {
+			delete(s.pending, d)
+		}
+	}
+	s.dirty = true
+}
+
+func (s *Store) deleteRecords(ctx context.Context, keys []string) {
+	for _, k := range keys {
+		if err := s.inner.DeleteRecord(ctx, k); err != nil && !errdefs.IsNotFound(err) {
+			s.m.Errors.WithLabelValues("delete-record").Inc()
+			s.log.Warn("removing a record failed", "key", k, "error", err)
+		}
+	}
+}
+
+func keysOf(m map[string]struct{}) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
 }
