@@ -163,7 +163,8 @@ func stray(t *testing.T, c *peers.Cove, level string) []string {
 }
 
 // Access times survive a restart, read from the index record with no walk of the store:
-// after A, B and A again, a restart, then C past the bound, B goes and A stays.
+// after A, B and A again, a restart, then C past the bound, B goes and A stays. The bound
+// is set in a --config file.
 func TestEvictionOrderSurvivesRestart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
@@ -172,7 +173,15 @@ func TestEvictionOrderSurvivesRestart(t *testing.T) {
 	b := peers.PushRandomImage(t, origin.Addr, "team/b:v1", 3, 4<<20)
 	c := peers.PushRandomImage(t, origin.Addr, "team/c:v1", 3, 4<<20)
 	dir := t.TempDir()
-	cove := peers.StartCove(t, dir, "--origin-plain-http", origin.Addr, "--storage-max-size", "40MiB", "--log-level", "debug")
+	// The bound comes from a configuration file, as an operator would set it.
+	config := filepath.Join(t.TempDir(), "cove-cache.toml")
+	if err := os.WriteFile(config, []byte("storage_max_size = \"40MiB\"\nlog_level = \"debug\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cove := peers.StartCove(t, dir, "--origin-plain-http", origin.Addr, "--config", config)
+	if got := cove.Metric(t, "cove_store_limit_bytes"); got != 40<<20 {
+		t.Fatalf("cove_store_limit_bytes = %v: the configuration file was not applied", got)
+	}
 	pull := func(img peers.Image) {
 		n := peers.StartContainerd(t, peers.WithMirror(cove.URL))
 		if err := n.Pull(ctx, img.Ref); err != nil {
