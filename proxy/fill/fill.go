@@ -168,15 +168,18 @@ func (m *Manager) JoinAt(key Key, owner string, from int64, fetch FetchFunc) (f 
 	return f, true
 }
 
-// Lookup returns the in-flight fill for key, acquired (the caller must Release it), or
-// nil when there is none. It never starts a fill.
+// Lookup returns the in-flight fill for key, acquired (the caller must Release it), for
+// a caller that will read it from byte 0; nil when there is none, or when it passes its
+// blob through and byte 0 is gone. It never starts a fill.
 func (m *Manager) Lookup(key Key) *Fill {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	f := m.fills[key]
-	if f != nil {
-		f.refs++
+	if f == nil || !f.serves(0) {
+		return nil
 	}
+	f.refs++
+	f.hold(0)
 	return f
 }
 

@@ -259,6 +259,10 @@ func TestJoinAtPassThroughWindow(t *testing.T) {
 	if started || ahead != f {
 		t.Fatal("a reader from a byte still in the window did not join")
 	}
+	if l := m.Lookup(key); l != nil {
+		l.Release()
+		t.Fatal("Lookup returned a pass-through fill that no longer has byte 0")
+	}
 	fresh, started := m.JoinAt(key, "o", 0, get(origin.URL))
 	if !started || fresh == f {
 		t.Fatal("a reader from a byte out of the window joined")
