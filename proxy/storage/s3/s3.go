@@ -56,9 +56,9 @@ const (
 	// metaTimeout bounds one small request (a stat, a record): a store that hangs costs a
 	// cache hit, not a pull.
 	metaTimeout = 10 * time.Second
-	// staleUploadAge: incomplete uploads older than this are aborted at start (a crash
-	// or kill -9 mid-upload leaves one behind; uploads of other replicas are younger).
-	staleUploadAge = 24 * time.Hour
+	// defaultStaleUploadAge: incomplete uploads older than this are aborted at start (a
+	// crash or kill -9 mid-upload leaves one behind; uploads of other replicas are younger).
+	defaultStaleUploadAge = 24 * time.Hour
 )
 
 const (
@@ -81,6 +81,9 @@ type Config struct {
 	// one part buffer (DefaultMaxUploads when 0): memory for uploads is at most
 	// MaxUploads*PartSize. Smaller blobs (manifests, configs) never wait for a slot.
 	MaxUploads int
+	// StaleUploadAge: New aborts incomplete uploads under blobs/ begun longer ago than
+	// this (a day when 0); younger ones may be another replica's, in progress.
+	StaleUploadAge time.Duration
 	// Transport overrides the HTTP transport (tests; custom CAs).
 	Transport http.RoundTripper
 	Logger    *slog.Logger
@@ -198,7 +201,10 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		return nil, fmt.Errorf("%w: S3 bucket %q does not exist at %s: create it first (cove-cache does not create buckets)",
 			errdefs.ErrNotFound, cfg.Bucket, d.endpoint)
 	}
-	go d.abortStaleUploads(context.WithoutCancel(ctx))
+	if cfg.StaleUploadAge <= 0 {
+		cfg.StaleUploadAge = defaultStaleUploadAge
+	}
+	go d.abortStaleUploads(context.WithoutCancel(ctx), cfg.StaleUploadAge)
 	return d, nil
 }
 
@@ -400,19 +406,20 @@ func (d *Driver) list(ctx context.Context, prefix string, fn func(name string, s
 	return ctx.Err()
 }
 
-// abortStaleUploads aborts multipart uploads under blobs/ begun more than staleUploadAge
-// ago: a process killed mid-upload cannot abort its own. Younger ones may belong to
+// abortStaleUploads aborts multipart uploads under blobs/ begun more than age ago: a process killed mid-upload cannot abort its own. Younger ones may belong to
 // another cove-cache on the same bucket and are left alone. Best effort.
-func (d *Driver) abortStaleUploads(ctx context.Context) {
+func (d *Driver) abortStaleUploads(ctx context.Context, age time.Duration) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	n := 0
-	for up := range d.client.ListIncompleteUploads(ctx, d.bucket, blobPrefix, true) {
+	// Listed without a prefix, filtered here: MinIO lists uploads under a whole object
+	// name only, and finds none under "blobs/".
+	for up := range d.client.ListIncompleteUploads(ctx, d.bucket, "", true) {
 		if up.Err != nil {
 			d.log.Warn("S3: listing incomplete uploads failed", "endpoint", d.endpoint, "bucket", d.bucket, "error", up.Err)
 			return
 		}
-		if time.Since(up.Initiated) < staleUploadAge {
+		if !strings.HasPrefix(up.Key, blobPrefix) || time.Since(up.Initiated) < age {
 			continue
 		}
 		if err := d.core.AbortMultipartUpload(ctx, d.bucket, up.Key, up.UploadID); err != nil {
