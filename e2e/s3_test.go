@@ -15,9 +15,9 @@ import (
 )
 
 // A cove-cache storing in S3 (a real MinIO) serves containerd's pulls: cold, then warm
-// with no blob fetched from the origin, then warm again from a second cove-cache with an
-// empty --storage-dir over the same bucket (what a pod sees after a reschedule): the
-// blobs live in the bucket, not on the local disk. One layer is larger than a multipart
+// with no blob fetched from the origin, then warm again from a new cove-cache process with
+// an empty --storage-dir over the same bucket (a rescheduled pod): the blobs live in the
+// bucket, not on the local disk. One layer is larger than a multipart
 // part. The credentials reach cove-cache only through the AWS environment variables and
 // never appear in its log.
 func TestPullThroughCacheOnS3(t *testing.T) {
@@ -74,8 +74,11 @@ func TestPullThroughCacheOnS3(t *testing.T) {
 		}
 	}
 	pullWarm("warm", cove)
-	other := peers.StartCove(t, "", flags...) // empty local directory, same bucket
-	pullWarm("warm from another cove-cache", other)
+	// Rescheduled: the process goes, a new one starts on an empty local directory and the
+	// same bucket (one running cove-cache per bucket: docs/configuration.md).
+	cove.Stop()
+	other := peers.StartCove(t, "", flags...)
+	pullWarm("warm from a rescheduled cove-cache", other)
 
 	for _, c := range []*peers.Cove{cove, other} {
 		c.Stop()
