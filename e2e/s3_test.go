@@ -17,9 +17,9 @@ import (
 // A cove-cache storing in S3 (a real MinIO) serves containerd's pulls: cold, then warm
 // with no blob fetched from the origin, then warm again from a new cove-cache process with
 // an empty --storage-dir over the same bucket (a rescheduled pod): the blobs live in the
-// bucket, not on the local disk. One layer is larger than a multipart
-// part. The credentials reach cove-cache only through the AWS environment variables and
-// never appear in its log.
+// bucket, not on the local disk. Every layer (20 MiB) is larger than a multipart part.
+// The credentials reach cove-cache only through the AWS environment variables and never
+// appear in its log.
 func TestPullThroughCacheOnS3(t *testing.T) {
 	ctx := testCtx(t)
 	origin := peers.StartRegistry(t)
