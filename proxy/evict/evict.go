@@ -41,7 +41,7 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 	max := s.cfg.MaxSize
 	if max > 0 && cost > max {
 		s.m.ReserveRefused.Inc()
-		return nil, fmt.Errorf("%w: blob %s of %d bytes is larger than the store (%d bytes)", errdefs.ErrResourceExhausted, key.Digest, size, max)
+		return nil, fmt.Errorf("%w: %w: blob %s of %d bytes, store of %d bytes", fill.ErrLargerThanStore, errdefs.ErrResourceExhausted, key.Digest, size, max)
 	}
 	for attempt := 0; ; attempt++ {
 		s.mu.Lock()

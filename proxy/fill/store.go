@@ -26,6 +26,14 @@ type Events struct {
 // ReasonReserveRefused is the pass-through reason of a reservation the ReserveFunc refused.
 const ReasonReserveRefused = "reserve_refused"
 
+// ReasonLargerThanStore is the pass-through reason of a blob the store could never hold.
+const ReasonLargerThanStore = "larger_than_store"
+
+// ErrLargerThanStore, wrapped in a ReserveFunc's error, says the blob is larger than the
+// whole store: it is passed through, and the store is not degraded by it, since no
+// amount of eviction would ever make room.
+var ErrLargerThanStore = errors.New("blob larger than the store")
+
 // Reason classifies a store error: no_space, quota, io_error, read_only, permission,
 // too_large, or other. The set is fixed, so it can label metrics.
 func Reason(err error) string {
@@ -91,6 +99,10 @@ func (m *Manager) storeFailed(f *Fill, size int64, op string, err error) string 
 
 // reserveRefused records a refused reservation for f and returns the pass-through reason.
 func (m *Manager) reserveRefused(f *Fill, size int64, err error) string {
+	if errors.Is(err, ErrLargerThanStore) {
+		m.log.Debug("blob larger than the store: passing it through", "registry", f.Key.Registry, "digest", f.Key.Digest, "size", size)
+		return ReasonLargerThanStore
+	}
 	m.degrade(f, size, "reserve", ReasonReserveRefused, err)
 	return ReasonReserveRefused
 }
