@@ -1,6 +1,7 @@
 package prefill_test
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
@@ -131,7 +132,7 @@ func TestJoinedPrefillOfStallingCacheResumes(t *testing.T) {
 		_, err := r.get(t, "/v2/team/app/manifests/"+r.img.Digest)
 		manifest <- err
 	}()
-	joinWhenRunning(t, r.prefill.Fills(), layer)
+	joinWhenStreaming(t, r.prefill.Fills(), layer)
 	if got, err := r.get(t, "/v2/team/app/blobs/"+layer); err != nil || got != layer {
 		t.Fatalf("joined blob: %s, %v", got, err)
 	}
@@ -160,6 +161,24 @@ func joinWhenRunning(t *testing.T, m *fill.Manager, d string) {
 			t.Fatalf("the prefill of %s never started", d)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// joinWhenStreaming waits until the prefill of d has cove-cache's answer (its size is
+// known), so that a GET joining it meets a stall mid-body, not a wait for headers (under
+// load, a join before the answer can spend its header bound and fall back for that).
+func joinWhenStreaming(t *testing.T, m *fill.Manager, d string) {
+	t.Helper()
+	joinWhenRunning(t, m, d)
+	f := m.Lookup(fill.Key{Registry: "local", Digest: digest.Digest(d)})
+	if f == nil {
+		t.Fatalf("the prefill of %s ended before cove-cache answered", d)
+	}
+	defer f.Release()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := f.WaitSize(ctx); err != nil {
+		t.Fatalf("the prefill of %s got no answer from cove-cache: %v", d, err)
 	}
 }
 
