@@ -35,6 +35,7 @@ const (
 	KindBlob                  // /v2/<name>/blobs/<digest>
 	KindTags                  // /v2/<name>/tags/list
 	KindReferrers             // /v2/<name>/referrers/<digest>
+	KindUpload                // /v2/<name>/blobs/uploads/[<handle>]
 )
 
 func (k Kind) String() string {
@@ -49,6 +50,8 @@ func (k Kind) String() string {
 		return "tags"
 	case KindReferrers:
 		return "referrers"
+	case KindUpload:
+		return "upload"
 	}
 	return "unknown"
 }
@@ -75,6 +78,10 @@ type Request struct {
 	Tag string
 	// Digest is set for blob, referrers and manifest-by-digest requests.
 	Digest digest.Digest
+	// Upload is set for upload requests that name a session (/blobs/uploads/<handle>):
+	// cove-cache's opaque handle, checked against the handle grammar only; empty for the
+	// POST that starts an upload.
+	Upload string
 	// ViaNamespace records that the registry came from ns=, so the response echoes
 	// OCI-Namespace as the distribution spec asks.
 	ViaNamespace bool
@@ -85,7 +92,7 @@ type Request struct {
 
 // Error is a client error with the distribution error code that describes it.
 type Error struct {
-	Code    string // NAME_INVALID, MANIFEST_UNKNOWN (a reference that cannot be a tag), DIGEST_INVALID, UNSUPPORTED, NAME_UNKNOWN
+	Code    string // NAME_INVALID, MANIFEST_UNKNOWN (a reference that cannot be a tag), DIGEST_INVALID, UNSUPPORTED, NAME_UNKNOWN, BLOB_UPLOAD_UNKNOWN
 	Message string
 }
 
@@ -97,7 +104,7 @@ func (e *Error) Error() string { return e.Code + ": " + e.Message }
 // it), 400 for every other malformed part.
 func (e *Error) Status() int {
 	switch e.Code {
-	case "UNSUPPORTED", "MANIFEST_UNKNOWN":
+	case "UNSUPPORTED", "MANIFEST_UNKNOWN", "BLOB_UPLOAD_UNKNOWN":
 		return http.StatusNotFound
 	}
 	return http.StatusBadRequest
@@ -137,8 +144,12 @@ func (rt Router) Parse(path, rawQuery string) (*Request, error) {
 		return nil, errf("UNSUPPORTED", "malformed query string")
 	}
 	ns := query.Get("ns")
-	if len(query["ns"]) > 1 {
-		return nil, errf("UNSUPPORTED", "more than one ns parameter")
+	for _, v := range query["ns"] {
+		// containerd adds ns= to the upload URL a mirror gave it, which already names
+		// it: the same value twice is one namespace.
+		if v != ns {
+			return nil, errf("UNSUPPORTED", "more than one ns parameter")
+		}
 	}
 	query.Del("ns")
 
@@ -175,6 +186,12 @@ func (rt Router) Parse(path, rawQuery string) (*Request, error) {
 		if err := req.setManifestRef(segs[n-1]); err != nil {
 			return nil, err
 		}
+	case n >= 4 && segs[n-3] == "blobs" && segs[n-2] == "uploads":
+		req.Kind, name = KindUpload, strings.Join(segs[:n-3], "/")
+		if segs[n-1] != "" && !validHandle(segs[n-1]) {
+			return nil, errf("BLOB_UPLOAD_UNKNOWN", "invalid upload handle")
+		}
+		req.Upload = segs[n-1]
 	case n >= 3 && segs[n-2] == "blobs":
 		req.Kind, name = KindBlob, strings.Join(segs[:n-2], "/")
 		d, err := ParseDigest(segs[n-1])
@@ -270,6 +287,22 @@ func (req *Request) setTag(tag string) error {
 	}
 	req.Tag = tag
 	return nil
+}
+
+// MaxHandleLen bounds an upload handle.
+const MaxHandleLen = 64
+
+// validHandle checks an upload handle's grammar: [A-Za-z0-9_-]{1,64}.
+func validHandle(h string) bool {
+	if h == "" || len(h) > MaxHandleLen {
+		return false
+	}
+	for _, c := range h {
+		if !(c == '_' || c == '-' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
 }
 
 // ParseDigest validates a digest: a registered algorithm and an encoded part of exactly

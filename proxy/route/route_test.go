@@ -36,6 +36,11 @@ func TestParse(t *testing.T) {
 		// A repository may itself end in a segment named like an API word.
 		{path: "/v2/a/blobs/manifests/v1", query: "ns=ghcr.io", registry: "ghcr.io", repo: "a/blobs", kind: KindManifest, tag: "v1", viaNS: true},
 		{path: "/v2/GHCR.IO/team/app/manifests/v1", registry: "ghcr.io", repo: "team/app", kind: KindManifest, tag: "v1"},
+		// Uploads: the start (no handle) and a session's handle; containerd repeats ns=.
+		{path: "/v2/team/app/blobs/uploads/", query: "ns=ghcr.io&mount=" + d + "&from=x%2Fy", registry: "ghcr.io", repo: "team/app", kind: KindUpload, viaNS: true, restQuery: "from=x%2Fy&mount=" + strings.ReplaceAll(d, ":", "%3A")},
+		{path: "/v2/registry.test/team/app/blobs/uploads/AbC-12_x", query: "digest=" + d, registry: "registry.test", repo: "team/app", kind: KindUpload, restQuery: "digest=" + strings.ReplaceAll(d, ":", "%3A")},
+		{path: "/v2/team/app/blobs/uploads/h1", query: "ns=ghcr.io&ns=ghcr.io", registry: "ghcr.io", repo: "team/app", kind: KindUpload, viaNS: true},
+		{path: "/v2/a/blobs/blobs/uploads/h1", query: "ns=ghcr.io", registry: "ghcr.io", repo: "a/blobs", kind: KindUpload, viaNS: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.path+"?"+tt.query, func(t *testing.T) {
@@ -74,7 +79,10 @@ func TestParseRejects(t *testing.T) {
 		{"/v2/team/app/blobs/v1", "ns=ghcr.io", "DIGEST_INVALID"},
 		{"/v2/team/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", "ns=ghcr.io", "DIGEST_INVALID"},
 		{"/v2/team/app/blobs/" + strings.ToUpper(d), "ns=ghcr.io", "DIGEST_INVALID"},
-		{"/v2/team/app/blobs/uploads/", "ns=ghcr.io", "UNSUPPORTED"},
+		{"/v2/team/app/blobs/uploads/a.b", "ns=ghcr.io", "BLOB_UPLOAD_UNKNOWN"},
+		{"/v2/team/app/blobs/uploads/" + strings.Repeat("a", 65), "ns=ghcr.io", "BLOB_UPLOAD_UNKNOWN"},
+		{"/v2/team/app/blobs/uploads/h/x", "ns=ghcr.io", "UNSUPPORTED"},
+		{"/v2/team/app/blobs/uploads", "ns=ghcr.io", "DIGEST_INVALID"},
 		{"/v2/team/app", "", "UNSUPPORTED"},
 		{"/v1/team/app/manifests/v1", "", "UNSUPPORTED"},
 		{"/v2/" + strings.Repeat("a/", 600) + "manifests/v1", "", "NAME_INVALID"},
