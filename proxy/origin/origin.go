@@ -231,3 +231,33 @@ func refusedResponse(req *http.Request, registry, reason string) *http.Response 
 		Request:       req,
 	}
 }
+
+// Send is Do for requests that carry a body (pushes): body is sent with length bytes
+// (-1: unknown, chunked), and rawQuery is passed as given (an upload URL's state, which
+// the origin chose and which is never logged). path must be a distribution API path:
+// the scheme and host are always the registry's own (URL), whatever the caller was told.
+func (c *Client) Send(ctx context.Context, method, registry, path, rawQuery string, clientHeader, extra http.Header, body io.Reader, length int64) (*http.Response, error) {
+	if !strings.HasPrefix(path, "/v2/") {
+		return nil, fmt.Errorf("origin request: not a distribution API path")
+	}
+	u, err := url.Parse(c.URL(registry, path, nil))
+	if err != nil {
+		return nil, fmt.Errorf("build origin request: %w", err)
+	}
+	u.RawQuery = rawQuery
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
+	if err != nil {
+		return nil, fmt.Errorf("build origin request: %w", err)
+	}
+	if body == nil || length == 0 {
+		req.Body, req.ContentLength = http.NoBody, 0
+	} else {
+		req.ContentLength = length
+		req.GetBody = nil // a streamed body cannot be sent twice: no redirect is followed with it
+	}
+	req.Header = httpx.OriginRequestHeaders(clientHeader)
+	for k, v := range extra {
+		req.Header[k] = v
+	}
+	return c.send(req, registry)
+}

@@ -59,6 +59,13 @@ type Config struct {
 	// PassThroughWindow is the memory a fill whose blob the store cannot take keeps of
 	// the body's most recent bytes for its clients (0: the fill package's 4 MiB).
 	PassThroughWindow int
+	// UploadSessions bounds the blob upload sessions open at once (default 1024); a
+	// push beyond it is answered 429 before the origin is asked.
+	UploadSessions int
+	// UploadMaxAge ends an upload session idle for this long (default 1 h; a session
+	// lives at most 24 times this): its spooled bytes are removed and its handle is
+	// unknown from then on.
+	UploadMaxAge time.Duration
 	// Transport overrides the origin transport (tests).
 	Transport http.RoundTripper
 	Logger    *slog.Logger
@@ -79,6 +86,7 @@ type Server struct {
 	metrics *metrics.Metrics
 	authz   *authz.Authorizer
 	tokens  *token.Broker
+	uploads *uploadTable
 
 	listedChecks chan struct{} // slots for checkListed
 	log          *slog.Logger
@@ -176,6 +184,11 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.fills = fills
+	// After the fill manager: it empties the spool directory at start, leftovers of
+	// upload sessions of a previous run included.
+	if s.uploads, err = newUploadTable(filepath.Join(filepath.Clean(cfg.SpoolDir), "uploads"), cfg.UploadSessions, cfg.UploadMaxAge); err != nil {
+		return nil, fmt.Errorf("server: upload spool: %w", err)
+	}
 
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("/v2/", s.serveDistribution)
@@ -189,6 +202,9 @@ func New(cfg Config) (*Server, error) {
 
 // Metrics exposes the collectors (tests read them).
 func (s *Server) Metrics() *metrics.Metrics { return s.metrics }
+
+// UploadSessions is the number of blob upload sessions open (tests).
+func (s *Server) UploadSessions() int { return s.uploads.len() }
 
 // Fills exposes the fill manager (tests wait for fills to settle).
 func (s *Server) Fills() *fill.Manager { return s.fills }
@@ -238,10 +254,14 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, http.StatusBadRequest, "UNSUPPORTED", "invalid request")
 		return
 	}
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+	push := req.Kind == route.KindUpload || req.Kind == route.KindManifest && r.Method == http.MethodPut
+	if !push && r.Method != http.MethodGet && r.Method != http.MethodHead {
 		s.metrics.Request(req.Kind.String(), metrics.ResultInvalid)
 		w.Header().Set("Allow", "GET, HEAD")
-		httpx.WriteError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "cove-cache serves pulls only: push to the origin registry")
+		if req.Kind == route.KindManifest {
+			w.Header().Set("Allow", "GET, HEAD, PUT")
+		}
+		httpx.WriteError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "method not supported by cove-cache")
 		return
 	}
 	if req.ViaNamespace {
@@ -250,6 +270,10 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 		r = s.tokens.WithClientChallenge(r, req)
 	}
 	if !s.tokens.BindCredential(w, r, req) {
+		return
+	}
+	if push {
+		s.servePush(w, r, req)
 		return
 	}
 	switch req.Kind {

@@ -47,6 +47,9 @@ func (b *Broker) WithClientChallenge(r *http.Request, req *route.Request) *http.
 	c := &clientChallenge{realm: b.Realm(r)}
 	if req.Kind != route.KindPing {
 		c.scope = "repository:" + req.Name + ":pull"
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			c.scope += ",push" // a push: the token must carry push for this repository
+		}
 	}
 	return r.WithContext(context.WithValue(r.Context(), clientChallengeKey{}, c))
 }

@@ -1,0 +1,188 @@
+package server_test
+
+import (
+	"bytes"
+	crand "crypto/rand"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/cove-oci/cove/internal/peers"
+)
+
+// send makes one request with a body and headers, and returns the response with its body.
+func send(t *testing.T, method, u string, body []byte, hdr map[string]string) (*http.Response, []byte) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequest(method, u, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, u, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, b
+}
+
+// expect fails t unless resp has status want.
+func expect(t *testing.T, what string, resp *http.Response, body []byte, want int) {
+	t.Helper()
+	if resp.StatusCode != want {
+		t.Fatalf("%s: status %d, want %d: %s", what, resp.StatusCode, want, body)
+	}
+}
+
+// resolve turns a Location the cache answered into an absolute URL of the cache, and
+// checks that it names the cache only: never the origin's host or its upload state.
+func resolve(t *testing.T, c *cache, originAddr, loc string) string {
+	t.Helper()
+	if loc == "" || strings.Contains(loc, originAddr) || strings.Contains(loc, "_state") {
+		t.Fatalf("Location %q: want cove-cache's own URL", loc)
+	}
+	base, _ := url.Parse(c.http.URL + "/")
+	u, err := base.Parse(loc)
+	if err != nil || u.Host != base.Host {
+		t.Fatalf("Location %q does not resolve to the cache", loc)
+	}
+	return u.String()
+}
+
+func withQuery(u string, kv ...string) string {
+	sep := "?"
+	if strings.Contains(u, "?") {
+		sep = "&"
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		u += sep + kv[i] + "=" + url.QueryEscape(kv[i+1])
+		sep = "&"
+	}
+	return u
+}
+
+func randomBytes(t *testing.T, n int) []byte {
+	b := make([]byte, n)
+	if _, err := crand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// A blob pushed in three chunks through the cache (POST, PATCH, status GET, PATCH,
+// PUT with the last chunk): the origin holds it, the cache kept it, and a pull through
+// the cache costs the origin no blob GET. Then a cross-repository mount through the
+// cache, learned from the origin's 201: the blob is served in the second repository
+// without an origin GET either. A wrong digest stores nothing.
+func TestPushChunkedAndMount(t *testing.T) {
+	reg := peers.StartRegistry(t)
+	c := newCache(t, reg.Addr)
+	blob := randomBytes(t, 3<<20+123)
+	d := digest.FromBytes(blob)
+	parts := [][]byte{blob[:1<<20], blob[1<<20 : 2<<20], blob[2<<20:]}
+
+	resp, body := send(t, http.MethodPost, c.url(reg.Addr, "/v2/team/app/blobs/uploads/"), nil, nil)
+	expect(t, "POST", resp, body, http.StatusAccepted)
+	loc := resolve(t, c, reg.Addr, resp.Header.Get("Location"))
+	if resp.Header.Get("Docker-Upload-Uuid") == "" {
+		t.Fatal("no Docker-Upload-UUID relayed")
+	}
+	off := 0
+	for i, p := range parts[:2] {
+		resp, body = send(t, http.MethodPatch, loc, p, map[string]string{
+			"Content-Type":  "application/octet-stream",
+			"Content-Range": strconv.Itoa(off) + "-" + strconv.Itoa(off+len(p)-1),
+		})
+		expect(t, "PATCH "+strconv.Itoa(i), resp, body, http.StatusAccepted)
+		off += len(p)
+		if got, want := resp.Header.Get("Range"), "0-"+strconv.Itoa(off-1); got != want {
+			t.Fatalf("PATCH %d: Range %q, want %q", i, got, want)
+		}
+		loc = resolve(t, c, reg.Addr, resp.Header.Get("Location"))
+		resp, body = send(t, http.MethodGet, loc, nil, nil)
+		expect(t, "status GET", resp, body, http.StatusNoContent)
+		if got, want := resp.Header.Get("Range"), "0-"+strconv.Itoa(off-1); got != want {
+			t.Fatalf("status: Range %q, want %q", got, want)
+		}
+	}
+	resp, body = send(t, http.MethodPut, withQuery(loc, "digest", d.String()), parts[2], map[string]string{"Content-Type": "application/octet-stream"})
+	expect(t, "PUT", resp, body, http.StatusCreated)
+	if resp.Header.Get("Docker-Content-Digest") != d.String() {
+		t.Fatalf("Docker-Content-Digest %q", resp.Header.Get("Docker-Content-Digest"))
+	}
+	if !strings.HasSuffix(resolve(t, c, reg.Addr, resp.Header.Get("Location")), "/v2/team/app/blobs/"+d.String()+"?ns="+url.QueryEscape(reg.Addr)) {
+		t.Fatalf("Location %q", resp.Header.Get("Location"))
+	}
+	// The session is gone: its handle is unknown now.
+	resp, body = send(t, http.MethodGet, loc, nil, nil)
+	expect(t, "status GET after completion", resp, body, http.StatusNotFound)
+
+	if _, direct := mustGet(t, "http://"+reg.Addr+"/v2/team/app/blobs/"+d.String(), nil, 200); !bytes.Equal(direct, blob) {
+		t.Fatal("the origin does not hold the pushed bytes")
+	}
+	gets := reg.BlobGETs()[d.String()]
+	if _, err := c.store.Stat(t.Context(), d); err != nil {
+		t.Fatalf("the pushed blob was not kept: %v", err)
+	}
+	if _, got := mustGet(t, c.url(reg.Addr, "/v2/team/app/blobs/"+d.String()), nil, 200); !bytes.Equal(got, blob) {
+		t.Fatal("wrong bytes through the cache")
+	}
+	if n := reg.BlobGETs()[d.String()]; n != gets {
+		t.Fatalf("a pull through the cache fetched the pushed blob from the origin (%d GETs)", n-gets)
+	}
+
+	// Cross-repository mount through the cache.
+	resp, body = send(t, http.MethodPost, withQuery(c.url(reg.Addr, "/v2/other/app/blobs/uploads/"), "mount", d.String(), "from", "team/app"), nil, nil)
+	expect(t, "mount", resp, body, http.StatusCreated)
+	if !strings.Contains(resolve(t, c, reg.Addr, resp.Header.Get("Location")), "/v2/other/app/blobs/"+d.String()) {
+		t.Fatalf("mount Location %q", resp.Header.Get("Location"))
+	}
+	before := len(reg.Requests())
+	if _, got := mustGet(t, c.url(reg.Addr, "/v2/other/app/blobs/"+d.String()), nil, 200); !bytes.Equal(got, blob) {
+		t.Fatal("wrong bytes through the cache after the mount")
+	}
+	if n := len(reg.Requests()) - before; n != 0 {
+		t.Fatalf("the mounted blob cost the origin %d requests; the mount's 201 is its word", n)
+	}
+
+	// A PUT whose digest does not match the bytes: the origin refuses, nothing is kept.
+	// (distribution answers a POST with digest= with a session, ignoring its body, so the
+	// bytes go in the PUT, as crane and containerd send them.)
+	other := randomBytes(t, 4096)
+	wrong := digest.FromBytes(append([]byte("x"), other...))
+	resp, body = send(t, http.MethodPost, withQuery(c.url(reg.Addr, "/v2/team/app/blobs/uploads/"), "digest", wrong.String()), other, map[string]string{"Content-Type": "application/octet-stream"})
+	expect(t, "POST with digest=", resp, body, http.StatusAccepted)
+	loc = resolve(t, c, reg.Addr, resp.Header.Get("Location"))
+	resp, body = send(t, http.MethodPut, withQuery(loc, "digest", wrong.String()), other, map[string]string{"Content-Type": "application/octet-stream"})
+	if resp.StatusCode < 400 {
+		t.Fatalf("a wrong digest was accepted: %d %s", resp.StatusCode, body)
+	}
+	if _, err := c.store.Stat(t.Context(), wrong); err == nil {
+		t.Fatal("a blob whose bytes do not match its digest was stored")
+	}
+	// The same bytes with their digest, in one PUT: kept.
+	good := digest.FromBytes(other)
+	resp, body = send(t, http.MethodPost, c.url(reg.Addr, "/v2/team/app/blobs/uploads/"), nil, nil)
+	expect(t, "POST", resp, body, http.StatusAccepted)
+	loc = resolve(t, c, reg.Addr, resp.Header.Get("Location"))
+	resp, body = send(t, http.MethodPut, withQuery(loc, "digest", good.String()), other, map[string]string{"Content-Type": "application/octet-stream"})
+	expect(t, "monolithic PUT", resp, body, http.StatusCreated)
+	if _, err := c.store.Stat(t.Context(), good); err != nil {
+		t.Fatalf("a monolithic upload was not kept: %v", err)
+	}
+	if n := c.srv.UploadSessions(); n != 1 {
+		t.Fatalf("%d upload sessions open, want 1 (the refused one, which the origin still knows)", n)
+	}
+}
