@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/cove-oci/cove/internal/peers"
 )
 
 // recorder is an HTTP server that records every request and answers with answer.
@@ -153,5 +155,67 @@ func TestAttackUploadHandle(t *testing.T) {
 	expect(t, "PATCH after the foreign Location", resp, body, http.StatusNotFound)
 	if got := evil.requests(); len(got) != 0 {
 		t.Fatalf("another host received %v", got)
+	}
+}
+
+// Tenant B pushes, through cove-cache, manifests into its own repository that list tenant
+// A's cached layer (as subject, as a layer, as a non-distributable layer), and tries a
+// cross-repository mount from A's repository. What the origin accepts is stored, but
+// only the origin's 201 for a digest in B's repository is its word that B's repository
+// holds it: B's request for A's layer in B's repository gets the origin's answer (404),
+// never A's bytes.
+func TestAttackPushedManifestTeachesNothing(t *testing.T) {
+	o := peers.StartTokenOrigin(t, tenantPasswords, peers.WithManifestURLs(`^https://`))
+	admin := o.Passwords[peers.TokenAdmin]
+	imgA := o.Push(t, "team-a/app:v1", 1, 64<<10)
+	imgB := o.Push(t, "team-b/app:v1", 1, 4096)
+	c := newCache(t, o.Addr)
+	a := tokenHeader(t, o, "team-a", "repository:team-a/app:pull")
+	pullThrough(t, c, o.Addr, "team-a/app", "v1", imgA, a)
+	b := tokenHeader(t, o, "team-b", "repository:team-b/app:pull,push repository:team-a/app:pull")
+
+	layer := map[string]any{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": imgA.Layers[0], "size": 1}
+	for _, tc := range []struct {
+		name   string
+		edit   func(m map[string]any)
+		status int // the origin's answer to the push
+	}{
+		{"subject names A's layer", func(m map[string]any) { m["subject"] = layer }, http.StatusCreated},
+		{"non-distributable layer is A's layer", func(m map[string]any) {
+			m["layers"] = append(m["layers"].([]any), map[string]any{
+				"mediaType": nonDistributableLayer, "digest": imgA.Layers[0], "size": 1, "urls": []string{"https://layers.example/a"}})
+		}, http.StatusCreated},
+		{"a layer is A's layer", func(m map[string]any) { m["layers"] = append(m["layers"].([]any), layer) }, http.StatusBadRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tag := "plant-" + sha([]byte(tc.name))[7:19]
+			body := plantingManifest(t, o.Addr, imgB, peers.TokenAdmin, admin, tc.edit)
+			hdr := map[string]string{"Authorization": b["Authorization"], "Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+			resp, got := send(t, http.MethodPut, c.url(o.Addr, "/v2/team-b/app/manifests/"+tag), body, hdr)
+			expect(t, "B's manifest PUT through the cache", resp, got, tc.status)
+			if tc.status == http.StatusCreated {
+				if resp.Header.Get("Docker-Content-Digest") != sha(body) {
+					t.Fatalf("Docker-Content-Digest %q, want %s", resp.Header.Get("Docker-Content-Digest"), sha(body))
+				}
+				if _, got := mustGet(t, c.url(o.Addr, "/v2/team-b/app/manifests/"+tag), b, 200); string(got) != string(body) {
+					t.Fatal("the pushed manifest did not come back")
+				}
+			}
+			sameAsOrigin(t, c, o.Addr, "/v2/team-b/app/blobs/"+imgA.Layers[0], b, imgA.Layers[0])
+			if resp, _, err := do(t, http.MethodHead, c.url(o.Addr, "/v2/team-b/app/blobs/"+imgA.Layers[0]), b); err != nil || resp.StatusCode == 200 {
+				t.Fatalf("HEAD of A's layer in B's repository: %v %v", resp.StatusCode, err)
+			}
+		})
+	}
+	// A mount of A's layer into B's repository: the origin does not mount it for B
+	// (202, a plain upload), so nothing is learned.
+	resp, body := send(t, http.MethodPost, withQuery(c.url(o.Addr, "/v2/team-b/app/blobs/uploads/"), "mount", imgA.Layers[0], "from", "team-a/app"), nil, b)
+	if resp.StatusCode == http.StatusCreated {
+		t.Fatalf("the origin mounted A's layer for B: %s", body)
+	}
+	sameAsOrigin(t, c, o.Addr, "/v2/team-b/app/blobs/"+imgA.Layers[0], b, imgA.Layers[0])
+	// Control: A still reads its layer from the cache.
+	if _, got := mustGet(t, c.url(o.Addr, "/v2/team-a/app/blobs/"+imgA.Layers[0]), a, 200); sha(got) != imgA.Layers[0] {
+		t.Fatal("A's layer: wrong bytes")
 	}
 }
