@@ -54,6 +54,7 @@ type ContainerdOption func(*containerdConfig)
 
 type containerdConfig struct {
 	mirrors     []string
+	pushMirrors map[string]bool // mirrors that also receive pushes
 	fetchBuffer int
 	extra       string
 	localPull   bool // CRI pulls with client.Pull instead of the transfer service
@@ -172,8 +173,12 @@ func (o containerdConfig) hostsTOML() string {
 	var b strings.Builder
 	b.WriteString("# Mirrors for every registry, tried in order; the origin is tried last.\n")
 	for _, m := range o.mirrors {
-		fmt.Fprintf(&b, "\n[host.%s]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = %s\n",
-			strconv.Quote(m), strconv.Quote(MirrorDialTimeout))
+		caps := `"pull", "resolve"`
+		if o.pushMirrors[m] {
+			caps += `, "push"`
+		}
+		fmt.Fprintf(&b, "\n[host.%s]\n  capabilities = [%s]\n  dial_timeout = %s\n",
+			strconv.Quote(m), caps, strconv.Quote(MirrorDialTimeout))
 	}
 	return b.String()
 }
