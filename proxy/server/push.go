@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"os"
 	"strconv"
 	"strings"
 
@@ -15,7 +14,6 @@ import (
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
 	"github.com/cove-oci/cove/proxy/route"
-	"github.com/cove-oci/cove/proxy/storage"
 	"github.com/cove-oci/cove/proxy/token"
 )
 
@@ -237,6 +235,7 @@ func (s *Server) continueUpload(w http.ResponseWriter, r *http.Request, req *rou
 		}
 	}
 	resp, err := s.origin.Send(ctx, r.Method, req.Registry, sess.originPath, rawQuery, r.Header, pushHeaders(r), body, length)
+	_ = sess.spool.pause()
 	if err != nil {
 		sess.spool.drop() // what reached the origin is unknown
 		s.originUnavailable(w, req, "upload", err)
@@ -298,34 +297,4 @@ func chunkStart(h string, next int64) int64 {
 		return -1 // unreadable: the spool stops following
 	}
 	return n
-}
-
-// storeUploaded stores a blob the origin accepted (its 201) when the spool holds exactly
-// the digest the client named: blob, then provenance, which makes it servable for this
-// registry. It runs on a context of its own: the client leaving does not undo it. A
-// failure costs a cache hit, never the push.
-func (s *Server) storeUploaded(r *http.Request, req *route.Request, sp *spool, want digest.Digest) {
-	path, size, ok := sp.finish(want)
-	if !ok {
-		s.log.Info("pushed blob not kept: the bytes sent do not match its digest, or the spool could not follow", "registry", req.Registry, "repository", req.Repository, "digest", want)
-		return
-	}
-	ctx := context.WithoutCancel(r.Context())
-	var err error
-	if ad, ok := s.store.(storage.FileAdopter); ok {
-		err = ad.AdoptFile(ctx, want, size, path)
-	} else {
-		var f *os.File
-		if f, err = os.Open(path); err == nil {
-			err = s.store.Put(ctx, want, size, f)
-			f.Close()
-		}
-		os.Remove(path)
-	}
-	if err == nil {
-		err = s.recordProvenance(ctx, req.Registry, want)
-	}
-	if err != nil {
-		s.log.Warn("storing a pushed blob failed", "registry", req.Registry, "digest", want, "error", err)
-	}
 }

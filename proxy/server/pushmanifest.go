@@ -35,6 +35,13 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, req *route.
 		httpx.WriteError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", "manifest over the 4 MiB limit")
 		return
 	}
+	// The blobs it lists that were just pushed are stored before the origin is told: once
+	// the push is done, its first pull is a hit.
+	var listedDigests []digest.Digest
+	for _, l := range listedObjects(manifestMediaType(body, r.Header.Get("Content-Type")), body) {
+		listedDigests = append(listedDigests, l.digest)
+	}
+	s.waitStored(ctx, req.Registry, listedDigests)
 	ref := req.Tag
 	if req.Digest != "" {
 		ref = req.Digest.String()

@@ -87,6 +87,7 @@ type Server struct {
 	authz   *authz.Authorizer
 	tokens  *token.Broker
 	uploads *uploadTable
+	pending pendingStores // pushed blobs being stored
 
 	listedChecks chan struct{} // slots for checkListed
 	log          *slog.Logger

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bufio"
 	"io"
 	"os"
 
@@ -15,10 +16,14 @@ import (
 type spool struct {
 	path     string
 	file     *os.File
+	buf      *bufio.Writer // batches the file's writes while a request streams (nil between requests)
 	digester digest.Digester
 	size     int64
 	broken   bool
 }
+
+// spoolBuffer is the size of the spool's write buffer: one per upload being written.
+const spoolBuffer = 256 << 10
 
 func newSpool(path string) *spool {
 	return &spool{path: path, digester: digest.Canonical.Digester()}
@@ -65,7 +70,10 @@ func (s *spool) write(p []byte) {
 		}
 		s.file = f
 	}
-	if _, err := s.file.Write(p); err != nil {
+	if s.buf == nil {
+		s.buf = bufio.NewWriterSize(s.file, spoolBuffer)
+	}
+	if _, err := s.buf.Write(p); err != nil {
 		s.drop()
 		return
 	}
@@ -96,7 +104,9 @@ func (s *spool) finish(want digest.Digest) (path string, size int64, ok bool) {
 		}
 		s.file = f
 	}
-	err := s.file.Sync()
+	// No fsync here: storage makes the file durable when it adopts it (FileAdopter) or
+	// copies it (Put).
+	err := s.pause()
 	if cerr := s.file.Close(); err == nil {
 		err = cerr
 	}
@@ -109,6 +119,20 @@ func (s *spool) finish(want digest.Digest) (path string, size int64, ok bool) {
 	return s.path, s.size, true
 }
 
+// pause writes out what is buffered and lets the buffer go: called at the end of every
+// request, so memory is held only while a request streams.
+func (s *spool) pause() error {
+	if s.buf == nil {
+		return nil
+	}
+	err := s.buf.Flush()
+	s.buf = nil
+	if err != nil {
+		s.drop()
+	}
+	return err
+}
+
 // drop stops spooling and removes the file.
 func (s *spool) drop() {
 	s.broken = true
@@ -117,6 +141,7 @@ func (s *spool) drop() {
 
 // discard removes the spool file if one is left.
 func (s *spool) discard() {
+	s.buf = nil
 	if s.file != nil {
 		s.file.Close()
 		s.file = nil
