@@ -94,6 +94,7 @@ func TestCranePushThroughCache(t *testing.T) {
 			}
 			d := pushedDigest(t, out)
 			blobs := originHolds(t, o, tc.repo, "v1", d)
+			c.settle(t)
 			for _, b := range append(blobs, d) {
 				if _, err := c.store.Stat(t.Context(), digest.Digest(b)); err != nil {
 					t.Fatalf("%s was not kept on the way: %v", b, err)

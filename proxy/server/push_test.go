@@ -133,6 +133,7 @@ func TestPushChunkedAndMount(t *testing.T) {
 		t.Fatal("the origin does not hold the pushed bytes")
 	}
 	gets := reg.BlobGETs()[d.String()]
+	c.settle(t) // pushed blobs are stored in the background
 	if _, err := c.store.Stat(t.Context(), d); err != nil {
 		t.Fatalf("the pushed blob was not kept: %v", err)
 	}
@@ -169,6 +170,7 @@ func TestPushChunkedAndMount(t *testing.T) {
 	if resp.StatusCode < 400 {
 		t.Fatalf("a wrong digest was accepted: %d %s", resp.StatusCode, body)
 	}
+	c.settle(t)
 	if _, err := c.store.Stat(t.Context(), wrong); err == nil {
 		t.Fatal("a blob whose bytes do not match its digest was stored")
 	}
@@ -179,6 +181,7 @@ func TestPushChunkedAndMount(t *testing.T) {
 	loc = resolve(t, c, reg.Addr, resp.Header.Get("Location"))
 	resp, body = send(t, http.MethodPut, withQuery(loc, "digest", good.String()), other, map[string]string{"Content-Type": "application/octet-stream"})
 	expect(t, "monolithic PUT", resp, body, http.StatusCreated)
+	c.settle(t)
 	if _, err := c.store.Stat(t.Context(), good); err != nil {
 		t.Fatalf("a monolithic upload was not kept: %v", err)
 	}

@@ -79,6 +79,13 @@ func (s *Server) storeUploaded(r *http.Request, req *route.Request, sp *spool, w
 	}()
 }
 
+// PendingStores is the number of pushed blobs still being stored (tests).
+func (s *Server) PendingStores() int {
+	s.pending.mu.Lock()
+	defer s.pending.mu.Unlock()
+	return len(s.pending.m)
+}
+
 // waitStored waits (at most maxStoreWait, or until ctx ends) until none of digests is
 // still being stored for registry.
 func (s *Server) waitStored(ctx context.Context, registry string, digests []digest.Digest) {

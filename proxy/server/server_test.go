@@ -69,7 +69,7 @@ func (c *cache) url(origin, path string) string {
 func (c *cache) settle(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for c.srv.Fills().InFlight() > 0 {
+	for c.srv.Fills().InFlight() > 0 || c.srv.PendingStores() > 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("fills did not settle")
 		}
