@@ -68,6 +68,8 @@ type options struct {
 	externalURL     string
 	authzTTL        time.Duration
 	stallTimeout    time.Duration
+	uploadSessions  int
+	uploadMaxAge    time.Duration
 	offline         string
 	offlineMaxAge   time.Duration
 	logLevel        string
@@ -103,6 +105,8 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.offline, "offline", server.OfflineDeny, "when the origin cannot answer: deny (serve nothing cached) or recent (serve credentials allowed within --offline-max-age; tags resolve to the last digest seen, marked stale)")
 	fs.DurationVar(&o.offlineMaxAge, "offline-max-age", time.Hour, "with --offline recent: the oldest allowance that still serves")
 	fs.DurationVar(&o.stallTimeout, "stall-timeout", 30*time.Second, "fail an origin fill that sends no byte for this long")
+	fs.IntVar(&o.uploadSessions, "upload-sessions", 1024, "most blob upload sessions (pushes) open at once; a push beyond gets 429")
+	fs.DurationVar(&o.uploadMaxAge, "upload-max-age", time.Hour, "end a blob upload session idle this long (a session lives at most 24 times this)")
 	fs.StringVar(&o.externalURL, "external-url", "", "the `URL` clients reach cove-cache at (https://cove.example:5005), the realm of its token endpoint for clients that name the registry in the path; default: from each request's scheme and Host")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "json or text")
@@ -172,6 +176,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	if o.offlineMaxAge <= 0 {
 		return nil, errors.New("--offline-max-age must be positive")
 	}
+	if o.uploadSessions < 1 || o.uploadMaxAge <= 0 {
+		return nil, errors.New("--upload-sessions and --upload-max-age must be positive")
+	}
 	if o.authzTTL < 0 || o.stallTimeout <= 0 {
 		return nil, errors.New("--authz-ttl must be >= 0 and --stall-timeout > 0")
 	}
@@ -226,6 +233,8 @@ func serve(args []string, stderr io.Writer) int {
 		ExternalURL:     o.externalURL,
 		AuthzTTL:        authzTTL,
 		StallTimeout:    o.stallTimeout,
+		UploadSessions:  o.uploadSessions,
+		UploadMaxAge:    o.uploadMaxAge,
 		Offline:         o.offline,
 		OfflineMaxAge:   o.offlineMaxAge,
 		// The policy also refuses cove-cache's own listen address (its port included).

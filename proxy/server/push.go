@@ -134,7 +134,7 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, req *route.
 	if monolithic {
 		q.Set("digest", want.String())
 	}
-	if !monolithic && s.uploads.len() >= s.uploads.max {
+	if !monolithic && s.uploads.full() {
 		s.metrics.Request("upload", metrics.ResultError)
 		w.Header().Set("Retry-After", "10")
 		httpx.WriteError(w, http.StatusTooManyRequests, "TOOMANYREQUESTS", errTooManyUploads.Error())

@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -80,6 +81,12 @@ func TestCranePushThroughCache(t *testing.T) {
 		debugLogs(&logs)(cfg)
 	})
 	host := strings.TrimPrefix(c.http.URL, "http://")
+	// A push without credentials gets cove-cache's challenge asking for push.
+	resp, body := send(t, http.MethodPost, c.http.URL+"/v2/registry.test/team-a/pushed/blobs/uploads/", nil, nil)
+	expect(t, "anonymous POST", resp, body, http.StatusUnauthorized)
+	if ch := resp.Header.Get("Www-Authenticate"); !strings.Contains(ch, c.http.URL+"/token") || !strings.Contains(ch, `scope="repository:registry.test/team-a/pushed:pull,push"`) {
+		t.Fatalf("challenge to a push: %s", ch)
+	}
 	tar := imageTarball(t, 3, 256<<10)
 	issued := len(o.Tokens.Issued())
 

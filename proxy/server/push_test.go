@@ -6,13 +6,17 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/cove-oci/cove/internal/peers"
+	"github.com/cove-oci/cove/proxy/server"
 )
 
 // send makes one request with a body and headers, and returns the response with its body.
@@ -187,5 +191,48 @@ func TestPushChunkedAndMount(t *testing.T) {
 	}
 	if n := c.srv.UploadSessions(); n != 1 {
 		t.Fatalf("%d upload sessions open, want 1 (the refused one, which the origin still knows)", n)
+	}
+}
+
+// Upload sessions are bounded in number (a push beyond gets 429 before the origin is
+// asked) and in age (an idle session ends: its handle is unknown, its spool removed).
+func TestUploadSessionBounds(t *testing.T) {
+	reg := peers.StartRegistry(t)
+	var spoolDir string
+	c := newCacheWith(t, func(cfg *server.Config) {
+		cfg.UploadSessions = 2
+		cfg.UploadMaxAge = 300 * time.Millisecond
+		spoolDir = cfg.SpoolDir
+	}, reg.Addr)
+	start := c.url(reg.Addr, "/v2/team/app/blobs/uploads/")
+	var locs []string
+	for range 2 {
+		resp, body := send(t, http.MethodPost, start, nil, nil)
+		expect(t, "POST", resp, body, http.StatusAccepted)
+		locs = append(locs, resolve(t, c, reg.Addr, resp.Header.Get("Location")))
+	}
+	resp, body := send(t, http.MethodPatch, locs[0], randomBytes(t, 1000), nil)
+	expect(t, "PATCH", resp, body, http.StatusAccepted)
+	if ents, _ := os.ReadDir(filepath.Join(spoolDir, "uploads")); len(ents) != 1 {
+		t.Fatalf("%d spool files, want 1", len(ents))
+	}
+	before := len(reg.Requests())
+	resp, body = send(t, http.MethodPost, start, nil, nil)
+	expect(t, "a third POST", resp, body, http.StatusTooManyRequests)
+	if n := len(reg.Requests()) - before; n != 0 {
+		t.Fatalf("a refused POST reached the origin %d times", n)
+	}
+	time.Sleep(400 * time.Millisecond)
+	resp, body = send(t, http.MethodPost, start, nil, nil)
+	expect(t, "a POST after the sessions aged out", resp, body, http.StatusAccepted)
+	for _, l := range locs {
+		resp, body = send(t, http.MethodPatch, l, []byte("x"), nil)
+		expect(t, "PATCH of an expired session", resp, body, http.StatusNotFound)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(spoolDir, "uploads")); len(ents) != 0 {
+		t.Fatalf("%d spool files left by expired sessions", len(ents))
+	}
+	if n := c.srv.UploadSessions(); n != 1 {
+		t.Fatalf("%d sessions open, want 1", n)
 	}
 }

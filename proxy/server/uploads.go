@@ -162,6 +162,14 @@ func (t *uploadTable) tempPath() string {
 	return filepath.Join(t.dir, "post-"+base64.RawURLEncoding.EncodeToString(b[:]))
 }
 
+// full reports whether no session can be opened now (after ending expired ones).
+func (t *uploadTable) full() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.expireLocked(t.now())
+	return len(t.sessions) >= t.max
+}
+
 // len is the number of open sessions (tests, metrics).
 func (t *uploadTable) len() int {
 	t.mu.Lock()
