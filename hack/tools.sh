@@ -16,6 +16,7 @@ CRICTL_VERSION=v1.34.0
 # MinIO publishes no semver tags on the module proxy: pin the pseudo-version that
 # @latest resolved to (a commit of 2026-02-12); it builds with this Go.
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+ORAS_VERSION=v1.3.6
 
 # need NAME VERSION: true when NAME at VERSION is not built yet.
 need() {
@@ -64,6 +65,13 @@ if need crane "$CRANE_VERSION"; then
   echo "tools: building crane $CRANE_VERSION"
   go install "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
   done_ crane "$CRANE_VERSION"
+fi
+
+if need oras "$ORAS_VERSION"; then
+  # OCI artifacts pushed and pulled through cove-cache (proxy/server push tests).
+  echo "tools: building oras $ORAS_VERSION"
+  go install "oras.land/oras/cmd/oras@$ORAS_VERSION"
+  done_ oras "$ORAS_VERSION"
 fi
 
 if need crictl "$CRICTL_VERSION"; then

@@ -32,3 +32,22 @@ func Crane(t testing.TB, registryHost, user, password string, args ...string) (s
 	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
 }
+
+// Oras runs the oras binary in dir (where the files it pushes are, named relatively) with
+// --plain-http, a registry config file of its own (so no credentials of the machine are
+// read or written), and user's credentials given as flags (none when user is "").
+// args are the command and its arguments, e.g. "push", REF, "model.bin:application/x".
+// It returns oras's trimmed output.
+func Oras(t testing.TB, dir, user, password string, args ...string) (string, error) {
+	t.Helper()
+	all := append([]string{}, args[0], "--plain-http", "--registry-config", filepath.Join(t.TempDir(), "config.json"))
+	if user != "" {
+		all = append(all, "--username", user, "--password", password)
+	}
+	all = append(all, args[1:]...)
+	cmd := exec.CommandContext(t.Context(), Bin(t, "oras"), all...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "HOME="+t.TempDir())
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
