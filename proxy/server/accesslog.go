@@ -3,6 +3,7 @@ package server
 import (
 	"io"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -59,11 +60,21 @@ func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
 func (s *Server) logRequest(r *http.Request, rec *recorder, start time.Time) {
 	s.log.Debug("request",
 		"method", r.Method,
-		"path", r.URL.Path,
+		"path", redactHandle(r.URL.Path),
 		"ns", r.URL.Query().Get("ns"),
 		"range", r.Header.Get("Range"),
 		"status", rec.status,
 		"bytes", rec.bytes,
 		"duration", time.Since(start).String(),
 	)
+}
+
+// redactHandle cuts an upload handle out of a path for the log: whoever reads the log
+// must not be able to continue someone's upload.
+func redactHandle(path string) string {
+	i := strings.LastIndex(path, "/blobs/uploads/")
+	if i < 0 || i+len("/blobs/uploads/") == len(path) {
+		return path
+	}
+	return path[:i] + "/blobs/uploads/<handle>"
 }

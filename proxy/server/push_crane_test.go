@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -163,4 +164,11 @@ func TestCranePushThroughCache(t *testing.T) {
 		t.Fatalf("containerd's pull of the pushed image cost %d origin blob GETs: %v", len(blobGETs), blobGETs)
 	}
 	assertNoSecrets(t, c, &logs, o.Tokens.Tokens(), o.Passwords)
+	// Neither the origin's upload state nor a handle is logged.
+	if !strings.Contains(logs.String(), "/blobs/uploads/<handle>") {
+		t.Fatal("the debug log did not record the uploads")
+	}
+	if m := regexp.MustCompile(`_state|/blobs/uploads/[A-Za-z0-9_-]+`).FindString(logs.String()); m != "" {
+		t.Fatalf("upload state in the log: %q", m)
+	}
 }
