@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -234,5 +235,77 @@ func TestUploadSessionBounds(t *testing.T) {
 	}
 	if n := c.srv.UploadSessions(); n != 1 {
 		t.Fatalf("%d sessions open, want 1", n)
+	}
+}
+
+// A manifest PUT by digest and by tag: the origin's OCI-Subject and digest reach the
+// client, Location is cove-cache's own, and the manifest accepted is served from the
+// cache with the type it was pushed with. A manifest the origin refuses is not kept.
+func TestManifestPut(t *testing.T) {
+	var mu sync.Mutex
+	refuse := false
+	origin := startRecorder(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		no := refuse
+		mu.Unlock()
+		body, _ := io.ReadAll(r.Body)
+		switch {
+		case r.Method == http.MethodPut && no:
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusBadRequest)
+			_, _ = w.Write([]byte(`{"errors":[{"code":"MANIFEST_INVALID","message":"no"}]}`))
+		case r.Method == http.MethodPut:
+			w.Header().Set("Docker-Content-Digest", digest.FromBytes(body).String())
+			w.Header().Set("Oci-Subject", "sha256:"+strings.Repeat("5", 64))
+			w.Header().Set("Location", "http://elsewhere.example/v2/team/app/manifests/"+digest.FromBytes(body).String())
+			w.WriteHeader(http.StatusCreated)
+		case r.Method == http.MethodHead && strings.HasSuffix(r.URL.Path, "/manifests/v1"):
+			w.Header().Set("Docker-Content-Digest", r.Header.Get("X-Want"))
+			w.WriteHeader(http.StatusOK)
+		default:
+			w.WriteHeader(http.StatusOK) // authorization HEADs
+		}
+	})
+	o := origin.addr()
+	c := newCache(t, o)
+	const mediaType = "application/vnd.oci.image.manifest.v1+json"
+	body := []byte(`{"schemaVersion":2,"mediaType":"` + mediaType + `","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[],"subject":{"mediaType":"` + mediaType + `","digest":"sha256:` + strings.Repeat("5", 64) + `","size":1}}`)
+	d := digest.FromBytes(body)
+	for _, ref := range []string{d.String(), "v1"} {
+		resp, got := send(t, http.MethodPut, c.url(o, "/v2/team/app/manifests/"+ref), body, map[string]string{"Content-Type": mediaType})
+		expect(t, "PUT "+ref, resp, got, http.StatusCreated)
+		if resp.Header.Get("Oci-Subject") != "sha256:"+strings.Repeat("5", 64) || resp.Header.Get("Docker-Content-Digest") != d.String() {
+			t.Fatalf("PUT %s: OCI-Subject %q, Docker-Content-Digest %q", ref, resp.Header.Get("Oci-Subject"), resp.Header.Get("Docker-Content-Digest"))
+		}
+		if loc := resolve(t, c, o, resp.Header.Get("Location")); !strings.Contains(loc, "/v2/team/app/manifests/"+d.String()) || strings.Contains(loc, "elsewhere") {
+			t.Fatalf("PUT %s: Location %q", ref, loc)
+		}
+	}
+	if got := origin.requests(); len(got) != 2 || got[0] != "PUT /v2/team/app/manifests/"+d.String() || got[1] != "PUT /v2/team/app/manifests/v1" {
+		t.Fatalf("the origin received %v", got)
+	}
+	// Served from the cache by digest, with its type (the authorization HEAD only).
+	resp, got := mustGet(t, c.url(o, "/v2/team/app/manifests/"+d.String()), map[string]string{"Accept": mediaType}, 200)
+	if !bytes.Equal(got, body) || resp.Header.Get("Content-Type") != mediaType {
+		t.Fatalf("the pushed manifest through the cache: %q %s", resp.Header.Get("Content-Type"), got)
+	}
+	for _, q := range origin.requests()[2:] {
+		if strings.HasPrefix(q, "GET") {
+			t.Fatalf("the pushed manifest was fetched from the origin: %s", q)
+		}
+	}
+	// Refused: relayed, nothing kept.
+	mu.Lock()
+	refuse = true
+	mu.Unlock()
+	other := append([]byte(nil), body...)
+	other = bytes.Replace(other, []byte(`"layers":[]`), []byte(`"layers":[] `), 1)
+	resp, got = send(t, http.MethodPut, c.url(o, "/v2/team/app/manifests/v2"), other, map[string]string{"Content-Type": mediaType})
+	expect(t, "refused PUT", resp, got, http.StatusBadRequest)
+	if !strings.Contains(string(got), "MANIFEST_INVALID") {
+		t.Fatalf("the origin's error was not relayed: %s", got)
+	}
+	if _, err := c.store.Stat(t.Context(), digest.FromBytes(other)); err == nil {
+		t.Fatal("a manifest the origin refused was stored")
 	}
 }
