@@ -2,8 +2,10 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	crand "crypto/rand"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
@@ -17,7 +19,9 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/cove-oci/cove/internal/peers"
+	"github.com/cove-oci/cove/proxy/evict"
 	"github.com/cove-oci/cove/proxy/server"
+	"github.com/cove-oci/cove/proxy/storage/filesystem"
 )
 
 // send makes one request with a body and headers, and returns the response with its body.
@@ -307,5 +311,49 @@ func TestManifestPut(t *testing.T) {
 	}
 	if _, err := c.store.Stat(t.Context(), digest.FromBytes(other)); err == nil {
 		t.Fatal("a manifest the origin refused was stored")
+	}
+}
+
+// A bounded store (proxy/evict) reserves room for a pushed blob before storing it: a blob
+// larger than the bound is not kept, and the push is not affected; a small one is kept.
+func TestPushIntoBoundedStore(t *testing.T) {
+	reg := peers.StartRegistry(t)
+	dir := t.TempDir()
+	inner, err := filesystem.New(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bounded, err := evict.New(inner, evict.Config{MaxSize: 1 << 20, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bounded.Start(t.Context())
+	t.Cleanup(func() { _ = bounded.Close(context.Background()) })
+	c := newCacheWith(t, func(cfg *server.Config) {
+		cfg.Storage = bounded
+		cfg.Reserve = bounded.Reserve
+		cfg.SpoolDir = filepath.Join(dir, "spool")
+	}, reg.Addr)
+	for _, tc := range []struct {
+		size int
+		kept bool
+	}{{3 << 20, false}, {4096, true}} {
+		blob := randomBytes(t, tc.size)
+		d := digest.FromBytes(blob)
+		resp, body := send(t, http.MethodPost, c.url(reg.Addr, "/v2/team/app/blobs/uploads/"), nil, nil)
+		expect(t, "POST", resp, body, http.StatusAccepted)
+		loc := resolve(t, c, reg.Addr, resp.Header.Get("Location"))
+		resp, body = send(t, http.MethodPut, withQuery(loc, "digest", d.String()), blob, map[string]string{"Content-Type": "application/octet-stream"})
+		expect(t, "PUT", resp, body, http.StatusCreated)
+		c.settle(t)
+		if _, err := bounded.Stat(t.Context(), d); (err == nil) != tc.kept {
+			t.Fatalf("a pushed blob of %d bytes into a 1 MiB store: kept=%v, want %v", tc.size, err == nil, tc.kept)
+		}
+		if _, got := mustGet(t, "http://"+reg.Addr+"/v2/team/app/blobs/"+d.String(), nil, 200); !bytes.Equal(got, blob) {
+			t.Fatal("the origin does not hold the pushed bytes")
+		}
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dir, "spool", "uploads")); len(ents) != 0 {
+		t.Fatalf("%d spool files left", len(ents))
 	}
 }

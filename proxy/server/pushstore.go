@@ -60,6 +60,15 @@ func (s *Server) storeUploaded(r *http.Request, req *route.Request, sp *spool, w
 			close(done)
 		}()
 		var err error
+		if s.reserve != nil {
+			release, rerr := s.reserve(ctx, key, size)
+			if rerr != nil {
+				os.Remove(path)
+				s.log.Info("pushed blob not kept: no room in the store", "registry", req.Registry, "digest", want, "error", rerr)
+				return
+			}
+			defer func() { release(err == nil) }()
+		}
 		if ad, ok := s.store.(storage.FileAdopter); ok {
 			err = ad.AdoptFile(ctx, want, size, path)
 		} else {

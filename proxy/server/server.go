@@ -54,7 +54,9 @@ type Config struct {
 	// the realm of its token endpoint. Empty: taken from each request's Host.
 	ExternalURL string
 	// Reserve, when set, reserves room for every fill before it is spooled; a refusal
-	// passes the blob through unstored (see fill.WithReserve).
+	// passes the blob through unstored (see fill.WithReserve). A pushed blob's room is
+	// reserved when the origin has accepted it, before it is stored; a refusal leaves it
+	// unstored (the push is not affected).
 	Reserve fill.ReserveFunc
 	// PassThroughWindow is the memory a fill whose blob the store cannot take keeps of
 	// the body's most recent bytes for its clients (0: the fill package's 4 MiB).
@@ -87,7 +89,8 @@ type Server struct {
 	authz   *authz.Authorizer
 	tokens  *token.Broker
 	uploads *uploadTable
-	pending pendingStores // pushed blobs being stored
+	pending pendingStores    // pushed blobs being stored
+	reserve fill.ReserveFunc // room for a pushed blob before it is stored (nil: unbounded)
 
 	listedChecks chan struct{} // slots for checkListed
 	log          *slog.Logger
@@ -175,6 +178,7 @@ func New(cfg Config) (*Server, error) {
 		}),
 	}
 	if cfg.Reserve != nil {
+		s.reserve = cfg.Reserve
 		fillOpts = append(fillOpts, fill.WithReserve(cfg.Reserve))
 	}
 	if cfg.PassThroughWindow > 0 {
