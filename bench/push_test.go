@@ -65,6 +65,7 @@ func BenchmarkPush(b *testing.B) {
 		ratio, verdict(ratio <= 1.10), mc.Seconds(), md.Seconds(), runs, sizeLabel(img))
 	b.Logf("  runs cove:   %s", list(viaCove))
 	b.Logf("  runs origin: %s", list(direct))
+	b.Logf("  cove-cache peak RSS %.1f MiB (VmHWM; a push spools to disk, memory is flat in blob size)", mibs(peakRSS(b, cove.Pid())))
 	b.Logf("  CPU per push: cove-cache %.2fs, origin %.2fs through cove-cache and %.2fs direct (the machine has %d CPUs)",
 		coveCPU.Seconds()/float64(runs), originCPUVia.Seconds()/float64(runs), originCPUDirect.Seconds()/float64(runs), runtime.NumCPU())
 	b.ReportMetric(0, "ns/op")
