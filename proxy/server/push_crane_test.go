@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"net/http"
 	"path/filepath"
@@ -87,6 +88,14 @@ func TestCranePushThroughCache(t *testing.T) {
 	expect(t, "anonymous POST", resp, body, http.StatusUnauthorized)
 	if ch := resp.Header.Get("Www-Authenticate"); !strings.Contains(ch, c.http.URL+"/token") || !strings.Contains(ch, `scope="repository:registry.test/team-a/pushed:pull,push"`) {
 		t.Fatalf("challenge to a push: %s", ch)
+	}
+	// A login bound to registry.test pushing to another registry: refused (401
+	// invalid_token) before anything is sent.
+	login := "Basic " + base64.StdEncoding.EncodeToString([]byte("registry.test/team-a:"+tenantPasswords["team-a"]))
+	resp, body = send(t, http.MethodPost, c.http.URL+"/v2/other.test/team-a/pushed/blobs/uploads/", nil, map[string]string{"Authorization": login})
+	expect(t, "a push to another registry with a bound login", resp, body, http.StatusUnauthorized)
+	if !strings.Contains(resp.Header.Get("Www-Authenticate"), "invalid_token") {
+		t.Fatalf("challenge %q", resp.Header.Get("Www-Authenticate"))
 	}
 	tar := imageTarball(t, 3, 256<<10)
 	issued := len(o.Tokens.Issued())
