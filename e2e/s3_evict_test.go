@@ -96,7 +96,11 @@ func TestEvictionOnS3(t *testing.T) {
 	now, incomplete := bucketUsage(t, client, m.Bucket)
 	t.Logf("bucket peak %.1f MiB, now %.1f MiB (bound %d MiB); evictions %v (%.1f MiB)", float64(peak)/(1<<20),
 		float64(now)/(1<<20), bound>>20, cove.Metric(t, "cove_store_evictions_total"), cove.Metric(t, "cove_store_evicted_bytes_total")/(1<<20))
-	if peak > bound || now > bound {
+	// A listing is not a snapshot: while eviction deletes one blob and a fill completes
+	// another, one listing can count both. So the peak seen while pulls run may pass the
+	// bound by at most one blob (a 4 MiB layer) without the bucket ever holding it; at
+	// rest the bound is exact.
+	if peak > bound+4<<20 || now > bound {
 		t.Errorf("the bucket held %d bytes (now %d), over the %d-byte bound", peak, now, bound)
 	}
 	if incomplete > 0 {
