@@ -1,25 +1,41 @@
 package fill
 
 import (
-	"errors"
+	"bytes"
+	"context"
 	"fmt"
-	"os"
-	"syscall"
+	"sync/atomic"
 	"testing"
+
+	"github.com/opencontainers/go-digest"
 )
 
-func TestReason(t *testing.T) {
-	for errno, want := range map[syscall.Errno]string{
-		syscall.ENOSPC: "no_space", syscall.EDQUOT: "quota", syscall.EIO: "io_error",
-		syscall.EROFS: "read_only", syscall.EACCES: "permission", syscall.EPERM: "permission",
-		syscall.EFBIG: "too_large", syscall.EINVAL: "other",
-	} {
-		err := fmt.Errorf("write spool: %w", &os.PathError{Op: "write", Path: "/spool/fill-1", Err: errno})
-		if got := Reason(err); got != want {
-			t.Errorf("Reason(%v) = %q, want %q", err, got, want)
-		}
+// A blob larger than the whole store passes through without degrading the store: no
+// eviction would ever make room for it, so it says nothing about the store's health.
+func TestLargerThanStorePassesThroughHealthy(t *testing.T) {
+	body := randomBytes(t, 1<<20+3)
+	d := digest.FromBytes(body)
+	var calls atomic.Int32
+	origin := slowOrigin(t, body, &calls, nil)
+	var ev events
+	tooLarge := func(context.Context, Key, int64) (func(bool), error) {
+		return nil, fmt.Errorf("%w: 1 MiB blob, store of 64 KiB", ErrLargerThanStore)
 	}
-	if got := Reason(errors.New("bound reached")); got != "other" {
-		t.Errorf("Reason(plain error) = %q", got)
+	m, c, dir := newManager(t, WithReserve(tooLarge), WithEvents(ev.hooks()), WithPassThroughWindow(1<<20))
+	f, _ := m.Join(Key{Registry: "r", Digest: d}, "o", get(origin.URL))
+	if got, err := readAll(f, 0, -1); err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read: %v, equal %v", err, bytes.Equal(got, body))
+	}
+	f.Release()
+	waitGone(t, m)
+	if _, ok := c.get(d); ok {
+		t.Fatal("a blob larger than the store was stored")
+	}
+	assertSpoolEmpty(t, dir)
+	if cond, degraded := m.StoreDegraded(); degraded {
+		t.Fatalf("degraded by a blob larger than the store: %+v", cond)
+	}
+	if _, passed, _, conditions := ev.snapshot(); fmt.Sprint(passed) != "["+ReasonLargerThanStore+"]" || len(conditions) != 0 {
+		t.Fatalf("passed through %v, conditions %v", passed, conditions)
 	}
 }
