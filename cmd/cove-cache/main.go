@@ -32,6 +32,8 @@ const usage = `cove-cache: a cluster-wide pull-through cache for container image
 
 Usage:
   cove-cache serve [flags]   run the cache (see 'cove-cache serve -h')
+  cove-cache preheat --cache URL [flags] REF...
+                             fill a running cache ahead of use (see 'cove-cache preheat -h')
   cove-cache version         print the version
 `
 
@@ -47,6 +49,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
+	case "preheat":
+		return runPreheat(args[1:], os.Stdin, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "cove-cache", version.Version)
 		return 0

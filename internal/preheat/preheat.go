@@ -1,0 +1,270 @@
+package preheat
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/platforms"
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// DefaultParallel is how many blobs are fetched at once.
+const DefaultParallel = 4
+
+// maxDepth bounds nested indexes.
+const maxDepth = 8
+
+// Options configure Run.
+type Options struct {
+	// Cache is the cove-cache URL (http(s)://HOST[:PORT]).
+	Cache *url.URL
+	// Platforms selects the children of an index: those matching any of these. Empty
+	// means the platform of this machine, unless AllPlatforms.
+	Platforms []ocispec.Platform
+	// AllPlatforms takes every child of an index.
+	AllPlatforms bool
+	// Auth returns the login for an origin registry (authn.Anonymous for none); its
+	// user name must be <registry>/<user>, the form cove-cache's token broker binds.
+	Auth func(registry string) authn.Authenticator
+	// Transport is the base HTTP transport (nil: a clone of http.DefaultTransport).
+	Transport http.RoundTripper
+	// Parallel bounds blob fetches at once (0: DefaultParallel).
+	Parallel int
+	// Progress receives progress events (nil: none).
+	Progress *Progress
+}
+
+// Result is what preheating one target came to.
+type Result struct {
+	Target
+	Resolved  digest.Digest // the manifest or index the reference named
+	Manifests int           // manifests and indexes fetched
+	Blobs     int           // configs and layers of this target
+	Bytes     int64         // their bytes
+	Err       error         // nil when every object is in the cache
+}
+
+// blob is one config or layer to fetch, and the targets that need it.
+type blob struct {
+	client  *repoClient
+	desc    ocispec.Descriptor
+	targets []int
+}
+
+// Run preheats every target through the cache: first it resolves each target's
+// manifests (so the total is known), then fetches the blobs, Parallel at once, each
+// repository's blob once. A failure fails the targets that needed it and no other.
+func Run(ctx context.Context, o Options, targets []Target) []Result {
+	if o.Parallel <= 0 {
+		o.Parallel = DefaultParallel
+	}
+	if o.Transport == nil {
+		o.Transport = http.DefaultTransport.(*http.Transport).Clone()
+	}
+	if o.Progress == nil {
+		o.Progress = NewProgress(nil, false)
+	}
+	match := platforms.Any(platforms.DefaultSpec())
+	if len(o.Platforms) > 0 {
+		match = platforms.Any(o.Platforms...)
+	}
+	if o.AllPlatforms {
+		match = platforms.All
+	}
+	results := make([]Result, len(targets))
+	var order []string
+	blobs := map[string]*blob{} // <registry>/<repo>@<digest>
+	clients := map[string]*repoClient{}
+	for i, t := range targets {
+		results[i].Target = t
+		c := clients[t.name()]
+		if c == nil {
+			auth := authn.Anonymous
+			if o.Auth != nil {
+				auth = o.Auth(t.Registry)
+			}
+			var err error
+			if c, err = newRepoClient(ctx, o.Cache, o.Transport, auth, t); err != nil {
+				results[i].Err = err
+				o.Progress.Failed(t.Ref, err)
+				continue
+			}
+			clients[t.name()] = c
+		}
+		w := walker{ctx: ctx, client: c, match: match, all: o.AllPlatforms}
+		root, err := w.resolve(t)
+		results[i].Resolved, results[i].Manifests = root, w.manifests
+		if err != nil {
+			results[i].Err = err
+			o.Progress.Failed(t.Ref, err)
+			continue
+		}
+		for _, d := range w.blobs {
+			key := t.name() + "@" + d.Digest.String()
+			b := blobs[key]
+			if b == nil {
+				b = &blob{client: c, desc: d}
+				blobs[key] = b
+				order = append(order, key)
+			}
+			b.targets = append(b.targets, i)
+			results[i].Blobs++
+			results[i].Bytes += d.Size
+		}
+		o.Progress.Resolved(t.Ref, root, w.manifests, results[i].Blobs, results[i].Bytes)
+	}
+
+	var total int64
+	for _, k := range order {
+		total += blobs[k].desc.Size
+	}
+	o.Progress.Begin(len(order), total)
+	var mu sync.Mutex
+	sem := make(chan struct{}, o.Parallel)
+	var wg sync.WaitGroup
+	for _, k := range order {
+		b := blobs[k]
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			buf := make([]byte, 256<<10)
+			var read int64
+			err := b.client.fetchBlob(ctx, b.desc, buf, func(n int64) { read += n; o.Progress.Add(n) })
+			if err != nil {
+				o.Progress.Add(-read) // the bar counts what is in the cache, not attempts
+				err = fmt.Errorf("blob %s: %w", b.desc.Digest, err)
+				mu.Lock()
+				for _, i := range b.targets {
+					results[i].Err = errors.Join(results[i].Err, err)
+				}
+				mu.Unlock()
+			}
+			o.Progress.BlobDone(b.desc, err)
+		}()
+	}
+	wg.Wait()
+	o.Progress.End()
+	return results
+}
+
+// walker resolves one target's manifests and lists its blobs.
+type walker struct {
+	ctx       context.Context
+	client    *repoClient
+	match     platforms.MatchComparer
+	all       bool
+	manifests int
+	blobs     []ocispec.Descriptor
+	seen      map[digest.Digest]bool
+}
+
+// resolve fetches the target's manifest or index and everything below it that the
+// platform selection keeps, and returns the digest the reference resolved to.
+func (w *walker) resolve(t Target) (digest.Digest, error) {
+	w.seen = map[digest.Digest]bool{}
+	ref := t.Tag
+	if t.Digest != "" {
+		ref = t.Digest.String()
+	}
+	m, err := w.client.getManifest(w.ctx, ref, t.Digest)
+	if err != nil {
+		return "", err
+	}
+	return m.desc.Digest, w.visit(m, 0, true)
+}
+
+func (w *walker) visit(m manifest, depth int, top bool) error {
+	w.manifests++
+	switch mt := m.desc.MediaType; {
+	case images.IsIndexType(mt):
+		var idx ocispec.Index
+		if err := json.Unmarshal(m.body, &idx); err != nil {
+			return fmt.Errorf("index %s: %v", m.desc.Digest, err)
+		}
+		if depth >= maxDepth {
+			return fmt.Errorf("index %s: indexes nested deeper than %d", m.desc.Digest, maxDepth)
+		}
+		var kept []ocispec.Descriptor
+		for _, child := range idx.Manifests {
+			// As containerd's images.FilterPlatforms: a child without a platform is kept.
+			if w.all || child.Platform == nil || w.match.Match(*child.Platform) {
+				kept = append(kept, child)
+			}
+		}
+		if len(kept) == 0 && top {
+			return fmt.Errorf("index %s has no manifest for the platforms asked for (it has %s)", m.desc.Digest, listPlatforms(idx.Manifests))
+		}
+		for _, child := range kept {
+			if w.seen[child.Digest] {
+				continue
+			}
+			w.seen[child.Digest] = true
+			cm, err := w.client.getManifest(w.ctx, child.Digest.String(), child.Digest)
+			if err != nil {
+				return fmt.Errorf("manifest %s: %w", child.Digest, err)
+			}
+			if cm.desc.Size != child.Size {
+				return fmt.Errorf("manifest %s: %d bytes, the index says %d", child.Digest, cm.desc.Size, child.Size)
+			}
+			if cm.desc.MediaType == "" {
+				cm.desc.MediaType = child.MediaType
+			}
+			if err := w.visit(cm, depth+1, false); err != nil {
+				return err
+			}
+		}
+		return nil
+	case images.IsManifestType(mt) || mt == "":
+		var man ocispec.Manifest
+		if err := json.Unmarshal(m.body, &man); err != nil {
+			return fmt.Errorf("manifest %s: %v", m.desc.Digest, err)
+		}
+		if man.Config.Digest == "" {
+			return fmt.Errorf("manifest %s (%s) has no config: not an image manifest or index", m.desc.Digest, mediaTypeOrNone(mt))
+		}
+		for _, d := range append([]ocispec.Descriptor{man.Config}, man.Layers...) {
+			// Non-distributable layers live at their urls, not in the registry.
+			if images.IsNonDistributable(d.MediaType) || w.seen[d.Digest] {
+				continue
+			}
+			if err := d.Digest.Validate(); err != nil || d.Size < 0 {
+				return fmt.Errorf("manifest %s: bad descriptor %q: %v", m.desc.Digest, d.Digest, err)
+			}
+			w.seen[d.Digest] = true
+			w.blobs = append(w.blobs, ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: d.Size})
+		}
+		return nil
+	default:
+		return fmt.Errorf("%s is a %s, not an image manifest or index", m.desc.Digest, mt)
+	}
+}
+
+func mediaTypeOrNone(mt string) string {
+	if mt == "" {
+		return "no media type"
+	}
+	return mt
+}
+
+func listPlatforms(ds []ocispec.Descriptor) string {
+	var out []string
+	for _, d := range ds {
+		if d.Platform != nil {
+			out = append(out, platforms.Format(*d.Platform))
+		}
+	}
+	if len(out) == 0 {
+		return "none with a platform"
+	}
+	return strings.Join(out, ", ")
+}
