@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"io"
 	"os"
+	"path/filepath"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -63,7 +64,7 @@ func (s *spool) write(p []byte) {
 		return
 	}
 	if s.file == nil {
-		f, err := os.OpenFile(s.path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o640)
+		f, err := createSpoolFile(s.path)
 		if err != nil {
 			s.drop()
 			return
@@ -97,7 +98,7 @@ func (s *spool) finish(want digest.Digest) (path string, size int64, ok bool) {
 		return "", 0, false
 	}
 	if s.file == nil { // the empty blob
-		f, err := os.OpenFile(s.path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o640)
+		f, err := createSpoolFile(s.path)
 		if err != nil {
 			s.drop()
 			return "", 0, false
@@ -147,4 +148,14 @@ func (s *spool) discard() {
 		s.file = nil
 		os.Remove(s.path)
 	}
+}
+
+// createSpoolFile creates an upload's spool file, and its directory on first use: the
+// directory lives inside the fill spool, which is emptied at every start (an upload does
+// not outlive its process), and exists only while pushes have used it.
+func createSpoolFile(path string) (*os.File, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, err
+	}
+	return os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o640)
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"net/url"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -71,9 +70,6 @@ func newUploadTable(dir string, max int, maxAge time.Duration) (*uploadTable, er
 	}
 	if maxAge <= 0 {
 		maxAge = defaultUploadMaxAge
-	}
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		return nil, err
 	}
 	return &uploadTable{sessions: map[string]*uploadSession{}, max: max, maxAge: maxAge, dir: dir, now: time.Now}, nil
 }
