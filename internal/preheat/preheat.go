@@ -180,10 +180,32 @@ func (w *walker) resolve(t Target) (digest.Digest, error) {
 	if err != nil {
 		return "", err
 	}
-	return m.desc.Digest, w.visit(m, 0, true)
+	return m.desc.Digest, w.visit(m, 0, true, false)
 }
 
-func (w *walker) visit(m manifest, depth int, top bool) error {
+// child fetches an index's child and visits it; metadataOnly keeps a manifest's config
+// and leaves its layers.
+func (w *walker) child(d ocispec.Descriptor, depth int, metadataOnly bool) error {
+	if w.seen[d.Digest] {
+		return nil
+	}
+	w.seen[d.Digest] = true
+	cm, err := w.client.getManifest(w.ctx, d.Digest.String(), d.Digest)
+	if err != nil {
+		return fmt.Errorf("manifest %s: %w", d.Digest, err)
+	}
+	if cm.desc.Size != d.Size {
+		return fmt.Errorf("manifest %s: %d bytes, the index says %d", d.Digest, cm.desc.Size, d.Size)
+	}
+	if cm.desc.MediaType == "" {
+		cm.desc.MediaType = d.MediaType
+	}
+	return w.visit(cm, depth+1, false, metadataOnly)
+}
+
+// visit lists what m references: an index's children (fetched), a manifest's config
+// and layers.
+func (w *walker) visit(m manifest, depth int, top, metadataOnly bool) error {
 	w.manifests++
 	switch mt := m.desc.MediaType; {
 	case images.IsIndexType(mt):
@@ -194,32 +216,27 @@ func (w *walker) visit(m manifest, depth int, top bool) error {
 		if depth >= maxDepth {
 			return fmt.Errorf("index %s: indexes nested deeper than %d", m.desc.Digest, maxDepth)
 		}
-		var kept []ocispec.Descriptor
+		var kept, others []ocispec.Descriptor
 		for _, child := range idx.Manifests {
 			// As containerd's images.FilterPlatforms: a child without a platform is kept.
 			if w.all || child.Platform == nil || w.match.Match(*child.Platform) {
 				kept = append(kept, child)
+			} else if images.IsManifestType(child.MediaType) {
+				others = append(others, child)
 			}
 		}
 		if len(kept) == 0 && top {
 			return fmt.Errorf("index %s has no manifest for the platforms asked for (it has %s)", m.desc.Digest, listPlatforms(idx.Manifests))
 		}
 		for _, child := range kept {
-			if w.seen[child.Digest] {
-				continue
+			if err := w.child(child, depth, false); err != nil {
+				return err
 			}
-			w.seen[child.Digest] = true
-			cm, err := w.client.getManifest(w.ctx, child.Digest.String(), child.Digest)
-			if err != nil {
-				return fmt.Errorf("manifest %s: %w", child.Digest, err)
-			}
-			if cm.desc.Size != child.Size {
-				return fmt.Errorf("manifest %s: %d bytes, the index says %d", child.Digest, cm.desc.Size, child.Size)
-			}
-			if cm.desc.MediaType == "" {
-				cm.desc.MediaType = child.MediaType
-			}
-			if err := w.visit(cm, depth+1, false); err != nil {
+		}
+		// The other platforms' manifests and configs, as containerd fetches them by
+		// default (ctr image pull without --skip-metadata: remotes.FilterManifestByPlatformHandler).
+		for _, child := range others {
+			if err := w.child(child, depth, true); err != nil {
 				return err
 			}
 		}
@@ -232,7 +249,11 @@ func (w *walker) visit(m manifest, depth int, top bool) error {
 		if man.Config.Digest == "" {
 			return fmt.Errorf("manifest %s (%s) has no config: not an image manifest or index", m.desc.Digest, mediaTypeOrNone(mt))
 		}
-		for _, d := range append([]ocispec.Descriptor{man.Config}, man.Layers...) {
+		blobs := append([]ocispec.Descriptor{man.Config}, man.Layers...)
+		if metadataOnly {
+			blobs = blobs[:1]
+		}
+		for _, d := range blobs {
 			// Non-distributable layers live at their urls, not in the registry.
 			if images.IsNonDistributable(d.MediaType) || w.seen[d.Digest] {
 				continue
