@@ -71,6 +71,7 @@ type options struct {
 	defaultRegistry string
 	externalURL     string
 	authzTTL        time.Duration
+	referrersTTL    time.Duration
 	stallTimeout    time.Duration
 	uploadSessions  int
 	uploadMaxAge    time.Duration
@@ -106,6 +107,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.Var(&o.originDeny, "origin-deny", "never contact origins matching `PATTERN` (repeatable; same forms as --origin-allow); deny wins over allow")
 	fs.StringVar(&o.defaultRegistry, "default-registry", route.DockerHub, "registry for requests that name none (no ns= and no registry path prefix)")
 	fs.DurationVar(&o.authzTTL, "authz-ttl", 10*time.Second, "how long the origin's yes to a credential for a repository lets its cached objects be served without asking; 0 asks every time")
+	fs.DurationVar(&o.referrersTTL, "referrers-ttl", 10*time.Second, "how long a referrers list is served again without asking the origin (to a credential it allowed in the repository within --authz-ttl); 0 asks every time")
 	fs.StringVar(&o.offline, "offline", server.OfflineDeny, "when the origin cannot answer: deny (serve nothing cached) or recent (serve credentials allowed within --offline-max-age; tags resolve to the last digest seen, marked stale)")
 	fs.DurationVar(&o.offlineMaxAge, "offline-max-age", time.Hour, "with --offline recent: the oldest allowance that still serves")
 	fs.DurationVar(&o.stallTimeout, "stall-timeout", 30*time.Second, "fail an origin fill that sends no byte for this long")
@@ -183,8 +185,8 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	if o.uploadSessions < 1 || o.uploadMaxAge <= 0 {
 		return nil, errors.New("--upload-sessions and --upload-max-age must be positive")
 	}
-	if o.authzTTL < 0 || o.stallTimeout <= 0 {
-		return nil, errors.New("--authz-ttl must be >= 0 and --stall-timeout > 0")
+	if o.authzTTL < 0 || o.referrersTTL < 0 || o.stallTimeout <= 0 {
+		return nil, errors.New("--authz-ttl and --referrers-ttl must be >= 0 and --stall-timeout > 0")
 	}
 	return o, nil
 }
@@ -228,6 +230,10 @@ func serve(args []string, stderr io.Writer) int {
 	if authzTTL == 0 {
 		authzTTL = -1 // Config's zero means the default; the flag's zero means never reuse
 	}
+	referrersTTL := o.referrersTTL
+	if referrersTTL == 0 {
+		referrersTTL = -1
+	}
 	srv, err := server.New(server.Config{
 		Storage:         store,
 		Reserve:         store.Reserve,
@@ -236,6 +242,7 @@ func serve(args []string, stderr io.Writer) int {
 		DefaultRegistry: o.defaultRegistry,
 		ExternalURL:     o.externalURL,
 		AuthzTTL:        authzTTL,
+		ReferrersTTL:    referrersTTL,
 		StallTimeout:    o.stallTimeout,
 		UploadSessions:  o.uploadSessions,
 		UploadMaxAge:    o.uploadMaxAge,

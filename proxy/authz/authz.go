@@ -196,6 +196,54 @@ func (a *Authorizer) MayRead(ctx context.Context, c Credential, o Object, ask As
 	return Decision{Verdict: Deny, Status: ans.Status, Header: ans.Header, Asked: true}
 }
 
+// MayReadRepository decides whether credential c may be served something cached that
+// belongs to o's repository as a whole rather than to one digest in it (a referrers
+// list: it is the repository's answer about a subject, not a member of it). o.Digest is
+// unused.
+//
+// Yes without asking when c has a fresh allowance there; no without asking when the
+// origin refused c there moments ago. Otherwise ask is called (the caller's origin
+// request, whose answer it keeps): a 200 makes an allowance, a 401 is remembered, and
+// any other answer is the caller's to read (Deny with the origin's status).
+func (a *Authorizer) MayReadRepository(ctx context.Context, c Credential, o Object, ask AskOrigin) Decision {
+	own := scope(c, o)
+	if a.allow.fresh(own) {
+		return Decision{Verdict: Allow}
+	}
+	if h, ok := a.refused.get(own); ok {
+		return Decision{Verdict: Deny, Status: http.StatusUnauthorized, Header: h}
+	}
+	return a.RepositoryAnswer(c, o, ask(ctx))
+}
+
+// RepositoryAnswer is the decision the origin's answer to c in o's repository makes, and
+// what it teaches: a 200 makes an allowance, a 401 is remembered; when the origin could
+// not answer, the offline policy decides.
+func (a *Authorizer) RepositoryAnswer(c Credential, o Object, ans OriginAnswer) Decision {
+	own := scope(c, o)
+	if ans.Err != nil || ans.Status >= 500 {
+		if a.offlineAllows(own) {
+			return Decision{Verdict: AllowStale, Asked: true}
+		}
+		if ans.Err != nil {
+			return Decision{Verdict: Unavailable, Err: ans.Err, Asked: true}
+		}
+		return Decision{Verdict: Deny, Status: ans.Status, Header: ans.Header, Asked: true}
+	}
+	switch ans.Status {
+	case http.StatusOK:
+		a.Allowed(c, o)
+		return Decision{Verdict: Allow, Asked: true}
+	case http.StatusUnauthorized:
+		a.Refused(c, o, ans.Header)
+	}
+	return Decision{Verdict: Deny, Status: ans.Status, Header: ans.Header, Asked: true}
+}
+
+// AllowedNow reports whether the origin let c read from o's repository within the
+// allowance TTL.
+func (a *Authorizer) AllowedNow(c Credential, o Object) bool { return a.allow.fresh(scope(c, o)) }
+
 // Learn records the origin's 200 to c for o: the object is a member of its repository,
 // and c is allowed there. Call it for every 200 the origin gives for a digest in a
 // repository (a fill's GET, a HEAD, a tag resolving to a digest, a manifest by digest).

@@ -3,10 +3,13 @@ package server
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
+	"strings"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
@@ -58,6 +61,7 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, req *route.
 		relayPush(w, r, resp, "")
 		return
 	}
+	s.forgetReferrers(req, body)
 	d := req.Digest
 	if d == "" {
 		d = digest.FromBytes(body)
@@ -85,5 +89,20 @@ func (s *Server) keepPushedManifest(r *http.Request, req *route.Request, d diges
 	}
 	if req.Tag != "" {
 		s.rememberTag(r.Context(), req.Registry, req.Repository, req.Tag, d, mediaType)
+	}
+}
+
+// forgetReferrers ends the kept referrers lists of the subject a manifest accepted in
+// req's repository names: the next request asks the origin, which now lists it.
+func (s *Server) forgetReferrers(req *route.Request, body []byte) {
+	var m ocispec.Manifest // an index's subject has the same field
+	if json.Unmarshal(body, &m) == nil && m.Subject != nil && m.Subject.Digest.Validate() == nil {
+		s.referrers.dropSubject(req.Registry, req.Repository, m.Subject.Digest)
+	}
+	// A client updating the tag schema's index itself (origins without the API).
+	if alg, hex, ok := strings.Cut(req.Tag, "-"); ok {
+		if d := digest.NewDigestFromEncoded(digest.Algorithm(alg), hex); d.Validate() == nil {
+			s.referrers.dropSubject(req.Registry, req.Repository, d)
+		}
 	}
 }

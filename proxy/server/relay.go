@@ -64,8 +64,8 @@ func (s *Server) servePing(w http.ResponseWriter, r *http.Request, req *route.Re
 	s.servePassthrough(w, r, req)
 }
 
-// servePassthrough relays tags lists, referrers and pings: small, changing answers that
-// are not cached.
+// servePassthrough relays tags lists and pings: small, changing answers that are not
+// cached. (Referrers are cached and authorized: referrers.go.)
 func (s *Server) servePassthrough(w http.ResponseWriter, r *http.Request, req *route.Request) {
 	var path string
 	switch req.Kind {
@@ -73,8 +73,6 @@ func (s *Server) servePassthrough(w http.ResponseWriter, r *http.Request, req *r
 		path = "/v2/"
 	case route.KindTags:
 		path = "/v2/" + req.Repository + "/tags/list"
-	case route.KindReferrers:
-		path = "/v2/" + req.Repository + "/referrers/" + req.Digest.String()
 	}
 	resp, err := s.origin.Do(r.Context(), r.Method, req.Registry, path, req.Query, r.Header, nil)
 	if err != nil {

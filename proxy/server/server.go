@@ -44,6 +44,11 @@ type Config struct {
 	// to the last digest seen, marked stale.
 	Offline       string
 	OfflineMaxAge time.Duration
+	// ReferrersTTL is how long a referrers list (GET /v2/<name>/referrers/<digest>) is
+	// served again without asking the origin, to a credential with a fresh allowance in
+	// the repository (default 10 s; < 0: never). A push through cove-cache of a manifest
+	// naming the subject ends it at once.
+	ReferrersTTL time.Duration
 	// StallTimeout fails a fill whose origin sends nothing for this long (default 30 s).
 	StallTimeout time.Duration
 	// OriginPolicy decides which origins may be contacted: its zero value refuses
@@ -81,16 +86,17 @@ const (
 
 // Server serves the distribution API.
 type Server struct {
-	store   storage.Driver
-	router  route.Router
-	origin  *origin.Client
-	fills   *fill.Manager
-	metrics *metrics.Metrics
-	authz   *authz.Authorizer
-	tokens  *token.Broker
-	uploads *uploadTable
-	pending pendingStores    // pushed blobs being stored
-	reserve fill.ReserveFunc // room for a pushed blob before it is stored (nil: unbounded)
+	store     storage.Driver
+	router    route.Router
+	origin    *origin.Client
+	fills     *fill.Manager
+	metrics   *metrics.Metrics
+	authz     *authz.Authorizer
+	tokens    *token.Broker
+	uploads   *uploadTable
+	referrers *referrersCache
+	pending   pendingStores    // pushed blobs being stored
+	reserve   fill.ReserveFunc // room for a pushed blob before it is stored (nil: unbounded)
 
 	listedChecks chan struct{} // slots for checkListed
 	log          *slog.Logger
@@ -115,6 +121,7 @@ func New(cfg Config) (*Server, error) {
 		store:        cfg.Storage,
 		router:       route.Router{DefaultRegistry: cfg.DefaultRegistry},
 		listedChecks: make(chan struct{}, maxListedChecks),
+		referrers:    newReferrersCache(cfg.ReferrersTTL),
 		log:          cfg.Logger,
 	}
 	az, err := authz.New(authz.Config{
@@ -288,7 +295,9 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 		s.serveBlob(w, r, req)
 	case route.KindManifest:
 		s.serveManifest(w, r, req)
-	case route.KindTags, route.KindReferrers:
+	case route.KindTags:
 		s.servePassthrough(w, r, req)
+	case route.KindReferrers:
+		s.serveReferrers(w, r, req)
 	}
 }

@@ -509,41 +509,12 @@ func TestCredentialsPassThrough(t *testing.T) {
 	}
 }
 
-// Referrers are relayed from the origin as it answers them, query included, and the last
-// digest seen for a tag is remembered for the offline policy.
-func TestReferrersAndTagMemory(t *testing.T) {
+// The last digest seen for a tag is remembered for the offline policy. (Referrers:
+// referrers_test.go.)
+func TestTagMemory(t *testing.T) {
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 1, 1024)
 	c := newCache(t, origin.Addr)
-	// distribution v3.0.0 has no referrers API: cove-cache relays its answer as it is.
-	direct, directBody, err := do(t, http.MethodGet, origin.URL+"/v2/team/app/referrers/"+img.Digest, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, body, err := do(t, http.MethodGet, c.url(origin.Addr, "/v2/team/app/referrers/"+img.Digest), nil)
-	if err != nil || resp.StatusCode != direct.StatusCode || !bytes.Equal(body, directBody) {
-		t.Fatalf("referrers through cove = %d %q, origin = %d %q", resp.StatusCode, body, direct.StatusCode, directBody)
-	}
-	// An origin that serves referrers, filtered by artifactType.
-	index := `{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}`
-	var gotQuery atomic.Value
-	refOrigin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		gotQuery.Store(r.URL.RawQuery)
-		w.Header().Set("Content-Type", "application/vnd.oci.image.index.v1+json")
-		w.Header().Set("Oci-Filters-Applied", "artifactType")
-		io.WriteString(w, index)
-	}))
-	defer refOrigin.Close()
-	refAddr := strings.TrimPrefix(refOrigin.URL, "http://")
-	c2 := newCache(t, refAddr)
-	resp, body = mustGet(t, c2.http.URL+"/v2/team/app/referrers/"+img.Digest+"?artifactType=application%2Fx.sbom&ns="+refAddr, nil, 200)
-	if string(body) != index || resp.Header.Get("Oci-Filters-Applied") != "artifactType" {
-		t.Fatalf("referrers: %s %v", body, resp.Header)
-	}
-	if q := gotQuery.Load(); q != "artifactType=application%2Fx.sbom" {
-		t.Fatalf("origin got query %q; ns must be dropped and the rest kept", q)
-	}
-
 	mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/v1"), map[string]string{"Accept": acceptManifests}, 200)
 	rec, err := c.store.GetRecord(context.Background(), "tag/"+origin.Addr+"/team/app/@v1")
 	if err != nil || !strings.Contains(string(rec), img.Digest) {
