@@ -22,7 +22,7 @@ const (
 	ResultCoalesced   = "coalesced"   // joined a fill another request started
 	ResultDenied      = "denied"      // the origin refused this client
 	ResultError       = "error"       // origin unreachable or failed, or a cove fault
-	ResultPassthrough = "passthrough" // relayed without caching (tags, referrers, HEAD misses)
+	ResultPassthrough = "passthrough" // relayed without caching (tags, HEAD misses)
 	ResultInvalid     = "invalid"     // refused as malformed
 	ResultStale       = "stale"       // served by the offline policy, the origin unreachable
 )
