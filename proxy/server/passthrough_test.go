@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"syscall"
@@ -99,5 +100,44 @@ func TestPassThroughCutOffClientResumes(t *testing.T) {
 	}
 	if testutil.ToFloat64(m.StoreDegraded) != 1 {
 		t.Fatal("cove_store_degraded is not 1")
+	}
+}
+
+func TestPassthroughAndEndpoints(t *testing.T) {
+	origin := peers.StartRegistry(t)
+	peers.PushRandomImage(t, origin.Addr, "team/app:v1", 1, 1024)
+	peers.PushRandomImage(t, origin.Addr, "team/app:v2", 1, 1024)
+	c := newCache(t, origin.Addr)
+	_, body := mustGet(t, c.url(origin.Addr, "/v2/team/app/tags/list"), nil, 200)
+	if !strings.Contains(string(body), `"v1"`) || !strings.Contains(string(body), `"v2"`) {
+		t.Fatalf("tags list: %s", body)
+	}
+	_, body = mustGet(t, c.http.URL+"/v2/team/app/tags/list?n=1&ns="+url.QueryEscape(origin.Addr), nil, 200)
+	if strings.Count(string(body), `"v`) != 1 {
+		t.Fatalf("tags list with n=1: %s", body)
+	}
+	if resp, _ := mustGet(t, c.http.URL+"/v2/", nil, 401); !strings.HasPrefix(resp.Header.Get("Www-Authenticate"), `Bearer realm="`+c.http.URL+"/token\"") {
+		t.Fatalf("ping without ns= challenged with %q, want cove-cache's own realm", resp.Header.Get("Www-Authenticate"))
+	}
+	mustGet(t, c.http.URL+"/healthz", nil, 200)
+	mustGet(t, c.http.URL+"/readyz", nil, 200)
+	_, metrics := mustGet(t, c.http.URL+"/metrics", nil, 200)
+	for _, m := range []string{"cove_requests_total", "cove_origin_requests_total", "cove_fills_in_flight"} {
+		if !strings.Contains(string(metrics), m) {
+			t.Errorf("metrics lack %s", m)
+		}
+	}
+}
+
+// The last digest seen for a tag is remembered for the offline policy. (Referrers:
+// referrers_test.go.)
+func TestTagMemory(t *testing.T) {
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 1, 1024)
+	c := newCache(t, origin.Addr)
+	mustGet(t, c.url(origin.Addr, "/v2/team/app/manifests/v1"), map[string]string{"Accept": acceptManifests}, 200)
+	rec, err := c.store.GetRecord(context.Background(), "tag/"+origin.Addr+"/team/app/@v1")
+	if err != nil || !strings.Contains(string(rec), img.Digest) {
+		t.Fatalf("tag record = %s, %v", rec, err)
 	}
 }
