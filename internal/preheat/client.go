@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/distribution/reference"
@@ -176,12 +177,30 @@ func (c *repoClient) getManifest(ctx context.Context, tagOrDigest string, want d
 	return manifest{desc: ocispec.Descriptor{MediaType: mt, Digest: got, Size: int64(len(body))}, body: body}, nil
 }
 
-// errSize is a blob whose length is not the one its descriptor gives.
-var errSize = errors.New("size mismatch")
+var (
+	// errSize is a blob whose length is not the one its descriptor gives.
+	errSize = errors.New("size mismatch")
+	// errDigest is a blob whose bytes are not the digest's.
+	errDigest = errors.New("digest mismatch")
+	// errStalled is a blob whose bytes stopped coming for stallTimeout.
+	errStalled = errors.New("the cache sent nothing for too long")
+)
+
+// stallTimeout ends a blob fetch that receives nothing for this long (cove-cache sends
+// headers at once and bytes as the origin sends them).
+var stallTimeout = time.Minute
 
 // fetchBlob reads a blob through the cache into the discard pile, counting bytes with
 // add as they arrive, and verifies its size and digest.
 func (c *repoClient) fetchBlob(ctx context.Context, d ocispec.Descriptor, buf []byte, add func(int64)) error {
+	// A body that stops coming ends the request after stallTimeout without a byte.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stall := time.AfterFunc(stallTimeout, func() { cancel(fmt.Errorf("%w (%v)", errStalled, stallTimeout)) })
+	defer stall.Stop()
+	add = func(add func(int64)) func(int64) {
+		return func(n int64) { stall.Reset(stallTimeout); add(n) }
+	}(add)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/blobs/"+d.Digest.String(), nil)
 	if err != nil {
 		return err
@@ -200,13 +219,16 @@ func (c *repoClient) fetchBlob(ctx context.Context, d ocispec.Descriptor, buf []
 	v := d.Digest.Verifier()
 	n, err := io.CopyBuffer(io.MultiWriter(v, countWriter(add)), io.LimitReader(resp.Body, d.Size+1), buf)
 	if err != nil {
+		if cause := context.Cause(ctx); errors.Is(cause, errStalled) {
+			err = cause
+		}
 		return fmt.Errorf("after %d bytes: %w", n, err)
 	}
 	if n != d.Size {
 		return fmt.Errorf("%w: got %d bytes, want %d", errSize, n, d.Size)
 	}
 	if !v.Verified() {
-		return fmt.Errorf("digest mismatch: the bytes are not %s", d.Digest)
+		return fmt.Errorf("%w: the bytes are not %s", errDigest, d.Digest)
 	}
 	return nil
 }

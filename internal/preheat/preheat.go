@@ -9,10 +9,12 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/platforms"
 	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -138,10 +140,20 @@ func Run(ctx context.Context, o Options, targets []Target) []Result {
 		go func() {
 			defer func() { <-sem; wg.Done() }()
 			buf := make([]byte, 256<<10)
-			var read int64
-			err := b.client.fetchBlob(ctx, b.desc, buf, func(n int64) { read += n; o.Progress.Add(n) })
-			if err != nil {
+			var err error
+			for attempt := 1; ; attempt++ {
+				var read int64
+				err = b.client.fetchBlob(ctx, b.desc, buf, func(n int64) { read += n; o.Progress.Add(n) })
+				if err == nil {
+					break
+				}
 				o.Progress.Add(-read) // the bar counts what is in the cache, not attempts
+				if attempt == blobAttempts || !retryable(ctx, err) {
+					break
+				}
+				time.Sleep(time.Duration(attempt) * 500 * time.Millisecond)
+			}
+			if err != nil {
 				err = fmt.Errorf("blob %s: %w", b.desc.Digest, err)
 				mu.Lock()
 				for _, i := range b.targets {
@@ -155,6 +167,25 @@ func Run(ctx context.Context, o Options, targets []Target) []Result {
 	wg.Wait()
 	o.Progress.End()
 	return results
+}
+
+// blobAttempts is how often a blob is tried when the failure may pass (a dropped
+// connection, a stall, a 5xx): cove-cache's fill goes on meanwhile, so a retry costs
+// the origin nothing more.
+const blobAttempts = 3
+
+// retryable reports whether a failed blob fetch is worth another try: not when the
+// cache answered 4xx (unknown, refused) or sent a whole body that is not the blob, and
+// not once the run is cancelled.
+func retryable(ctx context.Context, err error) bool {
+	if ctx.Err() != nil || errors.Is(err, errDigest) || errors.Is(err, errSize) {
+		return false
+	}
+	var te *transport.Error
+	if errors.As(err, &te) && te.StatusCode < 500 {
+		return false
+	}
+	return true
 }
 
 // walker resolves one target's manifests and lists its blobs.

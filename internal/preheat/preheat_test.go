@@ -7,7 +7,9 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,6 +74,15 @@ func TestRunThroughCove(t *testing.T) {
 // must report every such object as failed, never as preheated.
 func lyingCache(t *testing.T, tamper func(path string, body []byte) []byte) *httptest.Server {
 	t.Helper()
+	return fakeCache(t, func(w http.ResponseWriter, r *http.Request, body []byte) {
+		w.Write(tamper(r.URL.Path, body))
+	})
+}
+
+// fakeCache serves one image, registry.test/team/app:v1 (a config and a 4 KiB layer),
+// each object's answer written by respond.
+func fakeCache(t *testing.T, respond func(w http.ResponseWriter, r *http.Request, body []byte)) *httptest.Server {
+	t.Helper()
 	config := []byte(`{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}`)
 	layer := bytes.Repeat([]byte("cove"), 1024)
 	man, _ := json.Marshal(ocispec.Manifest{
@@ -98,7 +109,7 @@ func lyingCache(t *testing.T, tamper func(path string, body []byte) []byte) *htt
 			w.Header().Set("Content-Type", ocispec.MediaTypeImageManifest)
 			w.Header().Set("Docker-Content-Digest", digest.FromBytes(body).String())
 		}
-		w.Write(tamper(r.URL.Path, body))
+		respond(w, r, body)
 	}))
 	t.Cleanup(srv.Close)
 	return srv
@@ -150,6 +161,54 @@ func TestRunRefusesWrongBytes(t *testing.T) {
 		}
 		if res[0].Err == nil || !strings.Contains(res[0].Err.Error(), tt.want) {
 			t.Fatalf("%s: error %v, want one saying %q", tt.name, res[0].Err, tt.want)
+		}
+	}
+}
+
+// A blob whose body stalls, or that gets a 5xx, is tried again (cove-cache's fill goes
+// on meanwhile); one the cache does not know (404) is not.
+func TestRunRetriesBlobs(t *testing.T) {
+	defer func(d time.Duration) { stallTimeout = d }(stallTimeout)
+	stallTimeout = 300 * time.Millisecond
+	tg, err := ParseTarget("registry.test/team/app:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	isLayer := func(r *http.Request, body []byte) bool {
+		return strings.Contains(r.URL.Path, "/blobs/") && len(body) > 1000
+	}
+	for _, tt := range []struct {
+		name  string
+		first func(w http.ResponseWriter, r *http.Request, body []byte)
+		tries int32
+		ok    bool
+	}{
+		{"stalled body", func(w http.ResponseWriter, r *http.Request, body []byte) {
+			w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+			w.Write(body[:len(body)/2])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		}, 2, true},
+		{"5xx", func(w http.ResponseWriter, r *http.Request, body []byte) {
+			http.Error(w, `{"errors":[{"code":"UNAVAILABLE","message":"origin down"}]}`, http.StatusServiceUnavailable)
+		}, 2, true},
+		{"404", func(w http.ResponseWriter, r *http.Request, body []byte) {
+			http.Error(w, `{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}`, http.StatusNotFound)
+		}, 1, false},
+	} {
+		var tries atomic.Int32
+		srv := fakeCache(t, func(w http.ResponseWriter, r *http.Request, body []byte) {
+			if isLayer(r, body) {
+				if tries.Add(1) == 1 || !tt.ok {
+					tt.first(w, r, body)
+					return
+				}
+			}
+			w.Write(body)
+		})
+		res := Run(t.Context(), Options{Cache: mustURL(t, srv.URL)}, []Target{tg})
+		if (res[0].Err == nil) != tt.ok || tries.Load() != tt.tries {
+			t.Fatalf("%s: %d tries, error %v; want %d tries, ok=%v", tt.name, tries.Load(), res[0].Err, tt.tries, tt.ok)
 		}
 	}
 }
