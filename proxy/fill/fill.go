@@ -120,7 +120,7 @@ func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error)
 		dir:          dir,
 		commit:       commit,
 		stallTimeout: 30 * time.Second,
-		bufSize:      1 << 20,
+		bufSize:      4 << 20,
 		window:       4 << 20,
 		lag:          2 * time.Second,
 		log:          slog.Default(),
