@@ -129,7 +129,9 @@ func Run(ctx context.Context, o Options, targets []Target) []Result {
 	for _, k := range order {
 		total += blobs[k].desc.Size
 	}
-	o.Progress.Begin(len(order), total)
+	if len(order) > 0 {
+		o.Progress.Begin(len(order), total)
+	}
 	var mu sync.Mutex
 	sem := make(chan struct{}, o.Parallel)
 	var wg sync.WaitGroup
