@@ -66,7 +66,14 @@ type Manager struct {
 
 	mu    sync.Mutex
 	fills map[Key]*Fill
+	// stored remembers fills that stored their blob, for a moment: a request that found
+	// the store without the blob just before the fill committed, and asks to join just
+	// after it ended, is sent back to the store instead of starting a second origin fetch.
+	stored map[Key]time.Time
 }
+
+// storedMemory is how long a stored fill's key is remembered (see Manager.stored).
+const storedMemory = 10 * time.Second
 
 // Option configures a Manager.
 type Option func(*Manager)
@@ -125,6 +132,7 @@ func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error)
 		lag:          2 * time.Second,
 		log:          slog.Default(),
 		fills:        map[Key]*Fill{},
+		stored:       map[Key]time.Time{},
 	}
 	for _, o := range opts {
 		o(m)
@@ -136,20 +144,31 @@ func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error)
 // says whether this call started it (the caller's credentials made the origin request).
 // The caller must Release the fill when done reading.
 func (m *Manager) Join(key Key, owner string, fetch FetchFunc) (f *Fill, started bool) {
-	return m.JoinAt(key, owner, 0, fetch)
+	return m.join(key, owner, 0, fetch, false)
 }
 
 // JoinAt is Join for a caller that will read from byte from on. A fill passing its blob
 // through can serve only readers whose bytes are still in its spool or window: for any
 // other, JoinAt starts a fresh fill (a new origin fetch, which tries the store again)
 // and makes it the one later callers join; the old fill goes on for its own readers.
+//
+// It returns nil (and started false) when no fill is in flight because one stored the
+// blob moments ago: the caller reads the store, and calls ForgetStored before joining
+// again if the blob is not there after all.
 func (m *Manager) JoinAt(key Key, owner string, from int64, fetch FetchFunc) (f *Fill, started bool) {
+	return m.join(key, owner, from, fetch, true)
+}
+
+func (m *Manager) join(key Key, owner string, from int64, fetch FetchFunc, storedToo bool) (f *Fill, started bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if f := m.fills[key]; f != nil && f.serves(from) {
 		f.refs++
 		f.hold(from)
 		return f, false
+	}
+	if at, ok := m.stored[key]; storedToo && ok && m.fills[key] == nil && time.Since(at) < storedMemory {
+		return nil, false
 	}
 	f = &Fill{
 		Key:     key,
@@ -342,6 +361,32 @@ func (f *Fill) forget() {
 		delete(f.m.fills, f.Key)
 	}
 	f.m.mu.Unlock()
+}
+
+// forgetStored is forget for a fill that stored its blob: its key is remembered for
+// storedMemory (see Manager.stored).
+func (f *Fill) forgetStored() {
+	m := f.m
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.fills[f.Key] == f {
+		delete(m.fills, f.Key)
+	}
+	now := time.Now()
+	for k, at := range m.stored { // few entries: the fills of the last seconds
+		if now.Sub(at) >= storedMemory {
+			delete(m.stored, k)
+		}
+	}
+	m.stored[f.Key] = now
+}
+
+// ForgetStored drops the memory that a fill stored key's blob (the caller found the
+// store without it: evicted since), so the next JoinAt starts a fill.
+func (m *Manager) ForgetStored(key Key) {
+	m.mu.Lock()
+	delete(m.stored, key)
+	m.mu.Unlock()
 }
 
 func (f *Fill) fail(err error) {

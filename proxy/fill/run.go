@@ -41,7 +41,11 @@ func (f *Fill) run(fetch FetchFunc) {
 		f.mu.Unlock()
 		f.m.onDone(f, doneErr)
 	}
-	f.forget()
+	if stored {
+		f.forgetStored()
+	} else {
+		f.forget()
+	}
 	close(f.settled)
 	f.Release()
 }

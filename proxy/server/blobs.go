@@ -197,6 +197,22 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 	// were refused) is no answer for this one: it gets one fill of its own.
 	for attempt := 0; attempt < 2; attempt++ {
 		f, started := s.fills.JoinAt(key, own, from, fetch)
+		if f == nil {
+			// A fill stored the blob between this request's look at the store and now.
+			if size, ok := s.hasBlob(ctx, req.Registry, req.Digest); ok {
+				if s.authorize(w, r, req, path, req.Digest) {
+					s.metrics.Request("blob", metrics.ResultHit)
+					s.serveStored(w, r, req, size, "application/octet-stream")
+				}
+				return
+			}
+			s.fills.ForgetStored(key) // evicted since: fetch it again
+			if f, started = s.fills.JoinAt(key, own, from, fetch); f == nil {
+				s.metrics.Request("blob", metrics.ResultError)
+				httpx.WriteError(w, http.StatusBadGateway, "UNAVAILABLE", "blob stored and gone again: retry")
+				return
+			}
+		}
 		if !started && f.Owner != own {
 			// Joining streams bytes fetched with someone else's credentials: the origin
 			// must first say this client may read this blob in this repository.
