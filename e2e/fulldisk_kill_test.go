@@ -18,7 +18,7 @@ import (
 // it passes it through: after a restart on the same full disk the spool is empty, no
 // partial blob is stored, and the blob is served whole again.
 func TestKillDuringPassThrough(t *testing.T) {
-	dir := mountTmpfs(t, "size=40m")
+	dir := peers.MountTmpfs(t, "size=40m")
 	if err := os.WriteFile(filepath.Join(dir, "filler"), make([]byte, 20<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}

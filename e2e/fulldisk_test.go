@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"errors"
 	"io"
 	"net/http"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -17,26 +15,6 @@ import (
 
 	"github.com/cove-oci/cove/internal/peers"
 )
-
-// mountTmpfs mounts a tmpfs with opts (e.g. "size=40m") and unmounts it at cleanup, even
-// when the test fails; cleanups registered later (cove-cache's stop) run before it.
-func mountTmpfs(t *testing.T, opts string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, opts); err != nil {
-		if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES) {
-			t.Skipf("cannot mount a tmpfs here (%v): the full-disk tests need root or CAP_SYS_ADMIN", err)
-		}
-		t.Fatalf("mount tmpfs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, 0); err != nil {
-			t.Logf("unmount %s: %v; detaching it", dir, err)
-			_ = syscall.Unmount(dir, syscall.MNT_DETACH)
-		}
-	})
-	return dir
-}
 
 var originBlobPath = regexp.MustCompile(`/blobs/(sha256:[0-9a-f]{64})$`)
 
@@ -129,7 +107,7 @@ func TestFullDiskPassThrough(t *testing.T) {
 		t.Run(via, func(t *testing.T) {
 			ctx := testCtx(t)
 			var node *peers.CoveNode
-			dir := mountTmpfs(t, "size=40m")
+			dir := peers.MountTmpfs(t, "size=40m")
 			// A filler leaves 20 MiB: less than one 24 MiB layer, even once the failed
 			// fills' spools are gone, so the store stays full until the tmpfs grows.
 			if err := os.WriteFile(filepath.Join(dir, "filler"), make([]byte, 20<<20), 0o600); err != nil {
@@ -191,9 +169,7 @@ func TestFullDiskPassThrough(t *testing.T) {
 			}
 
 			// Space returns: grow the tmpfs under the running cove-cache.
-			if err := syscall.Mount("tmpfs", dir, "tmpfs", syscall.MS_REMOUNT, "size=256m"); err != nil {
-				t.Fatalf("grow the tmpfs: %v", err)
-			}
+			peers.RemountTmpfs(t, dir, 0, "size=256m")
 			from = len(origin.Requests())
 			c2 := peers.StartContainerd(t, peers.WithMirror(mirror))
 			start = time.Now()

@@ -3,7 +3,6 @@ package fill
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -14,40 +13,15 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/cove-oci/cove/internal/peers"
 )
-
-// mountTmpfs mounts a tmpfs of the given size (mount options, e.g. "size=1m") and
-// unmounts it at cleanup, even when the test fails. It skips the test when this process
-// may not mount.
-func mountTmpfs(t *testing.T, opts string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, opts); err != nil {
-		if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES) {
-			t.Skipf("cannot mount a tmpfs here (%v): the full-disk tests need root or CAP_SYS_ADMIN", err)
-		}
-		t.Fatalf("mount tmpfs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, 0); err != nil {
-			_ = syscall.Unmount(dir, syscall.MNT_DETACH)
-		}
-	})
-	return dir
-}
-
-func remount(t *testing.T, dir string, flags uintptr, opts string) {
-	t.Helper()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", syscall.MS_REMOUNT|flags, opts); err != nil {
-		t.Fatalf("remount %s (%s): %v", dir, opts, err)
-	}
-}
 
 // A spool on a 1 MiB tmpfs fails mid-body with ENOSPC: readers reading the spooled bytes
 // go on, later ones get the rest through the window, everyone gets the whole verified
 // body, nothing is stored. With room again, the next fill is stored.
 func TestSpoolWriteFailsMidBody(t *testing.T) {
-	dir := mountTmpfs(t, "size=1m")
+	dir := peers.MountTmpfs(t, "size=1m")
 	body := randomBytes(t, 3<<20+5)
 	d := digest.FromBytes(body)
 	var calls atomic.Int32
@@ -102,7 +76,7 @@ func TestSpoolWriteFailsMidBody(t *testing.T) {
 	}
 
 	// Space returns: no restart, the next fill stores the blob.
-	remount(t, dir, 0, "size=8m")
+	peers.RemountTmpfs(t, dir, 0, "size=8m")
 	f, _ = m.Join(key, "o", get(origin.URL))
 	if got, err := readAll(f, 0, -1); err != nil || !bytes.Equal(got, body) {
 		t.Fatalf("read after remount: %v", err)
@@ -123,7 +97,7 @@ func TestSpoolWriteFailsMidBody(t *testing.T) {
 // A read-only store: the spool cannot even be created. The fill passes through from its
 // first byte; a read-write remount ends the condition.
 func TestSpoolCreateFailsReadOnly(t *testing.T) {
-	dir := mountTmpfs(t, "size=4m")
+	dir := peers.MountTmpfs(t, "size=4m")
 	body := randomBytes(t, 1<<20)
 	d := digest.FromBytes(body)
 	var calls atomic.Int32
@@ -134,7 +108,7 @@ func TestSpoolCreateFailsReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	remount(t, dir, syscall.MS_RDONLY, "")
+	peers.RemountTmpfs(t, dir, syscall.MS_RDONLY, "")
 	key := Key{Registry: "r", Digest: d}
 	f, _ := m.Join(key, "o", get(origin.URL))
 	got, err := readAll(f, 0, -1)
@@ -147,7 +121,7 @@ func TestSpoolCreateFailsReadOnly(t *testing.T) {
 	if fmt.Sprint(storeErrs) != "[create/read_only]" || fmt.Sprint(passed) != "[read_only]" {
 		t.Fatalf("store errors %v, passed through %v", storeErrs, passed)
 	}
-	remount(t, dir, 0, "")
+	peers.RemountTmpfs(t, dir, 0, "")
 	f, _ = m.Join(key, "o", get(origin.URL))
 	if _, err := readAll(f, 0, -1); err != nil {
 		t.Fatal(err)
