@@ -175,14 +175,8 @@ func (a *Authorizer) MayRead(ctx context.Context, c Credential, o Object, ask As
 		return Decision{Verdict: Deny, Status: http.StatusUnauthorized, Header: h}
 	}
 	ans := ask(ctx)
-	if ans.Err != nil || ans.Status >= 500 {
-		if member && a.offlineAllows(own) {
-			return Decision{Verdict: AllowStale, Asked: true}
-		}
-		if ans.Err != nil {
-			return Decision{Verdict: Unavailable, Err: ans.Err, Asked: true}
-		}
-		return Decision{Verdict: Deny, Status: ans.Status, Header: ans.Header, Asked: true}
+	if unanswered(ans) {
+		return a.whenUnanswered(member, own, ans)
 	}
 	switch ans.Status {
 	case http.StatusOK:
@@ -221,14 +215,8 @@ func (a *Authorizer) MayReadRepository(ctx context.Context, c Credential, o Obje
 // not answer, the offline policy decides.
 func (a *Authorizer) RepositoryAnswer(c Credential, o Object, ans OriginAnswer) Decision {
 	own := scope(c, o)
-	if ans.Err != nil || ans.Status >= 500 {
-		if a.offlineAllows(own) {
-			return Decision{Verdict: AllowStale, Asked: true}
-		}
-		if ans.Err != nil {
-			return Decision{Verdict: Unavailable, Err: ans.Err, Asked: true}
-		}
-		return Decision{Verdict: Deny, Status: ans.Status, Header: ans.Header, Asked: true}
+	if unanswered(ans) {
+		return a.whenUnanswered(true, own, ans)
 	}
 	switch ans.Status {
 	case http.StatusOK:
@@ -295,4 +283,20 @@ func (a *Authorizer) offlineAllows(own string) bool {
 	}
 	age, ok := a.allow.age(own)
 	return ok && age <= a.offlineMaxAge
+}
+
+// unanswered reports whether the origin gave no answer to go by: an error, or a 5xx.
+func unanswered(ans OriginAnswer) bool { return ans.Err != nil || ans.Status >= 500 }
+
+// whenUnanswered is the decision when the origin could not answer: the offline policy serves
+// what is servable (a member, or a repository-wide answer) to a recently allowed
+// credential; otherwise the origin's failure is the answer.
+func (a *Authorizer) whenUnanswered(servable bool, own string, ans OriginAnswer) Decision {
+	if servable && a.offlineAllows(own) {
+		return Decision{Verdict: AllowStale, Asked: true}
+	}
+	if ans.Err != nil {
+		return Decision{Verdict: Unavailable, Err: ans.Err, Asked: true}
+	}
+	return Decision{Verdict: Deny, Status: ans.Status, Header: ans.Header, Asked: true}
 }
