@@ -164,7 +164,11 @@ func (h *Handler) FetchFromCache(ctx context.Context, registry, repository strin
 		}
 		path := "/v2/" + repository + "/blobs/" + d.String()
 		u := ep.base + path + "?ns=" + url.QueryEscape(registry)
-		resp, rctx, cancel, why := h.roundTrip(ctx, ep, http.MethodGet, u, httpx.OriginRequestHeaders(header), path)
+		hdr := httpx.OriginRequestHeaders(header)
+		if v := header.Get("Range"); v != "" {
+			hdr.Set("Range", v) // a prefill fill resuming a body cut short
+		}
+		resp, rctx, cancel, why := h.roundTrip(ctx, ep, http.MethodGet, u, hdr, path)
 		switch why {
 		case "":
 			resp.Body = h.watchBody(ctx, rctx, ep, resp.Body, cancel, path)

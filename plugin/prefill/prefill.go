@@ -172,12 +172,17 @@ func (p *Prefiller) OnManifest(_ context.Context, m mirror.Manifest) func(contex
 			continue
 		}
 		d, size := desc.Digest, desc.Size
-		f, _ := p.fills.Join(fill.Key{Registry: "local", Digest: d}, owner, func(ctx context.Context) (*http.Response, error) {
+		f, _ := p.fills.Join(fill.Key{Registry: "local", Digest: d}, owner, func(ctx context.Context, from int64) (*http.Response, error) {
 			release, err := p.acquire(ctx, d)
 			if err != nil {
 				return nil, err
 			}
-			resp, err := p.cfg.Fetch(ctx, m.Registry, m.Repository, d, header)
+			h := header.Clone()
+			h.Del("Range")
+			for k, v := range fill.RangeHeader(from) { // from > 0: the fill resumes a body cut short
+				h[k] = v
+			}
+			resp, err := p.cfg.Fetch(ctx, m.Registry, m.Repository, d, h)
 			if err != nil {
 				release()
 				return nil, err

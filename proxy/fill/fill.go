@@ -23,6 +23,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -30,7 +31,21 @@ import (
 )
 
 // FetchFunc performs the origin request for a fill. It runs on the fill's own context.
-type FetchFunc func(ctx context.Context) (*http.Response, error)
+// from is 0 for the first request; a fill whose origin connection dropped mid-body calls
+// it again with the first byte it lacks, and the request must then ask for the bytes
+// from there on (RangeHeader). The fill checks the answer: a 206 whose Content-Range
+// starts at from and has the blob's size, or a 200 (the whole body again).
+type FetchFunc func(ctx context.Context, from int64) (*http.Response, error)
+
+// RangeHeader is the header a FetchFunc adds to ask for the bytes from from on: nil for 0.
+// A blob is addressed by its digest, which the fill verifies end to end, so no If-Range
+// validator is needed: the 206's Content-Range and the digest are the validation.
+func RangeHeader(from int64) http.Header {
+	if from <= 0 {
+		return nil
+	}
+	return http.Header{"Range": {"bytes=" + strconv.FormatInt(from, 10) + "-"}}
+}
 
 // CommitFunc stores a verified fill. spoolPath holds exactly the blob; the hook may move
 // it (the spool file descriptor stays valid for readers still streaming).
@@ -248,6 +263,7 @@ type Fill struct {
 	verified bool          // the whole body matched digest and size
 	err      error         // terminal failure
 	file     *os.File
+	sent     bool // a reader was given bytes: a resume can no longer start over
 
 	// Passing through (see window.go).
 	pass     bool                 // the store did not take the blob: nothing more is spooled

@@ -74,6 +74,7 @@ func (r *reader) next(p []byte) (src source, spoolEnd int64, file *os.File, n in
 				if f.file == nil {
 					return 0, 0, nil, 0, fmt.Errorf("%w: spool closed", ErrFailed)
 				}
+				f.sent = true
 				return fromSpool, min(avail, f.spooled, r.end), f.file, 0, nil
 			}
 			if f.win != nil && r.off >= f.win.lo {
@@ -82,6 +83,7 @@ func (r *reader) next(p []byte) (src source, spoolEnd int64, file *os.File, n in
 				}
 				n = f.win.read(p[:min(int64(len(p)), avail-r.off, r.end-r.off)], r.off)
 				r.off += int64(n)
+				f.sent = f.sent || n > 0
 				f.moved()
 				return fromWindow, 0, nil, n, nil
 			}

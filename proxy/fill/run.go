@@ -12,14 +12,16 @@ import (
 )
 
 func (f *Fill) run(fetch FetchFunc) {
-	ctx, cancel := context.WithCancelCause(context.Background())
-	defer cancel(nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	release := func(bool) {}
-	err := f.fetch(ctx, cancel, fetch, &release)
+	st := &bodyState{verifier: f.Key.Digest.Verifier()}
+	err := f.fetch(ctx, fetch, st, &release)
 	if err != nil {
 		f.fail(err)
 		f.m.log.Warn("fill failed", "registry", f.Key.Registry, "digest", f.Key.Digest, "error", err)
 	}
+	f.logResumes(st, err)
 	f.mu.Lock()
 	resp, pass := f.resp, f.pass
 	f.mu.Unlock()
@@ -51,15 +53,19 @@ func (f *Fill) run(fetch FetchFunc) {
 }
 
 // fetch makes the origin request and streams its body into the spool, or, when the store
-// cannot take the blob, through the window. *release is set to the reservation's release.
-func (f *Fill) fetch(ctx context.Context, cancel context.CancelCauseFunc, fetch FetchFunc, release *func(bool)) error {
-	res, err := fetch(ctx)
+// cannot take the blob, through the window; a body cut short is resumed (resume.go).
+// *release is set to the reservation's release.
+func (f *Fill) fetch(ctx context.Context, fetch FetchFunc, st *bodyState, release *func(bool)) error {
+	attempt, stop := context.WithCancelCause(ctx)
+	res, err := fetch(attempt, 0)
 	if err != nil {
+		stop(nil)
 		return err
 	}
-	defer res.Body.Close()
 	if res.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+		res.Body.Close()
+		stop(nil)
 		f.forget()
 		f.mu.Lock()
 		f.resp = &Response{Status: res.StatusCode, Header: res.Header.Clone(), Body: body}
@@ -80,16 +86,40 @@ func (f *Fill) fetch(ctx context.Context, cancel context.CancelCauseFunc, fetch 
 		f.m.passedThrough(passReason)
 	}
 
-	// A stalled origin body would hang every reader: cancel the fetch when no byte
+	buf := make([]byte, f.m.bufSize)
+	for {
+		err := f.readBody(ctx, attempt, stop, res.Body, buf, st)
+		res.Body.Close()
+		stop(nil)
+		if err == nil {
+			break
+		}
+		if attempt, stop, res, err = f.resume(ctx, fetch, st, err); err != nil {
+			return err
+		}
+	}
+	if !st.verifier.Verified() {
+		return fmt.Errorf("%w: origin body does not match its digest", errdefs.ErrFailedPrecondition)
+	}
+	f.mu.Lock()
+	f.size = st.received
+	f.verified = true
+	f.notify()
+	f.mu.Unlock()
+	return nil
+}
+
+// readBody reads one origin body into the fill, from st.received on, until it ends. An
+// error wrapping errCut is a body cut short (a dropped connection, a stall, an early
+// end), which may be resumed; any other ends the fill. attempt is the body's request
+// context: stop cancels it when the origin stalls.
+func (f *Fill) readBody(ctx, attempt context.Context, stop context.CancelCauseFunc, body io.Reader, buf []byte, st *bodyState) error {
+	// A stalled origin body would hang every reader: cancel the request when no byte
 	// arrives for stallTimeout.
 	stall := time.AfterFunc(f.m.stallTimeout, func() {
-		cancel(fmt.Errorf("origin sent no data for %s", f.m.stallTimeout))
+		stop(fmt.Errorf("origin sent no data for %s", f.m.stallTimeout))
 	})
 	defer stall.Stop()
-
-	verifier := f.Key.Digest.Verifier()
-	buf := make([]byte, f.m.bufSize)
-	var received int64
 	for {
 		// At least roundBytes per round while the origin keeps up: every round is one wake-up
 		// of every reader. The buffer is larger still, so one read takes all the socket
@@ -100,47 +130,41 @@ func (f *Fill) fetch(ctx context.Context, cancel context.CancelCauseFunc, fetch 
 		if f.PassingThrough() {
 			chunk = buf[:min(len(buf), f.m.window/4)]
 		}
-		n, rerr := readRound(res.Body, chunk, min(roundBytes, len(chunk)), roundWait, func() { stall.Reset(f.m.stallTimeout) })
+		n, rerr := readRound(body, chunk, min(roundBytes, len(chunk)), roundWait, func() { stall.Reset(f.m.stallTimeout) })
 		if rerr == io.ErrUnexpectedEOF {
 			rerr = io.EOF
 		}
 		if n > 0 {
 			stall.Stop() // a pass-through fill's wait for its readers is not the origin's stall
-			if f.size >= 0 && received+int64(n) > f.size {
+			if f.size >= 0 && st.received+int64(n) > f.size {
 				return fmt.Errorf("%w: origin sent more than Content-Length %d", errdefs.ErrFailedPrecondition, f.size)
 			}
-			_, _ = verifier.Write(chunk[:n])
+			_, _ = st.verifier.Write(chunk[:n])
 			if f.m.onBytes != nil {
 				f.m.onBytes(f.Key.Registry, n)
 			}
-			if err := f.append(ctx, chunk[:n], received); err != nil {
+			if err := f.append(ctx, chunk[:n], st.received); err != nil {
 				return err
 			}
-			received += int64(n)
+			st.received += int64(n)
 			stall.Reset(f.m.stallTimeout)
 		}
 		if rerr == io.EOF {
-			break
+			if f.size >= 0 && st.received != f.size {
+				return fmt.Errorf("%w: %w: origin sent %d of %d bytes", errCut, errdefs.ErrFailedPrecondition, st.received, f.size)
+			}
+			return nil
 		}
 		if rerr != nil {
-			if cause := context.Cause(ctx); cause != nil {
-				return cause
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
 			}
-			return fmt.Errorf("read origin body: %w", rerr)
+			if cause := context.Cause(attempt); cause != nil && cause != context.Canceled {
+				rerr = cause
+			}
+			return fmt.Errorf("%w: read origin body: %w", errCut, rerr)
 		}
 	}
-	if f.size >= 0 && received != f.size {
-		return fmt.Errorf("%w: origin sent %d of %d bytes", errdefs.ErrFailedPrecondition, received, f.size)
-	}
-	if !verifier.Verified() {
-		return fmt.Errorf("%w: origin body does not match its digest", errdefs.ErrFailedPrecondition)
-	}
-	f.mu.Lock()
-	f.size = received
-	f.verified = true
-	f.notify()
-	f.mu.Unlock()
-	return nil
 }
 
 // openSpool reserves room for the blob and creates its spool file. A refusal or a

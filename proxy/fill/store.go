@@ -18,6 +18,9 @@ type Events struct {
 	PassThrough func(reason string)
 	// ReaderCut is called for every reader cut off behind a pass-through window.
 	ReaderCut func()
+	// Resume is called for every resume of an origin body cut short, with its result:
+	// ResumeRanged, ResumeRestarted, or ResumeFailed (the fill gave up).
+	Resume func(result string)
 	// Condition is called when the store starts failing (degraded) and when it takes a
 	// blob again.
 	Condition func(degraded bool)

@@ -42,6 +42,7 @@ type Metrics struct {
 	StoreErrors    *prometheus.CounterVec
 	PassedThrough  *prometheus.CounterVec
 	ReadersCut     prometheus.Counter
+	FillResumes    *prometheus.CounterVec
 	StoreDegraded  prometheus.Gauge
 
 	labels *labelLimiter
@@ -100,7 +101,11 @@ func New(inFlight func() int) *Metrics {
 		Name: "cove_store_degraded",
 		Help: "1 while the store cannot take blobs (fills pass through unstored), from the first failure until a blob is stored again.",
 	})
-	reg.MustRegister(m.StoreErrors, m.PassedThrough, m.ReadersCut, m.StoreDegraded)
+	m.FillResumes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cove_fill_resumes_total",
+		Help: "Origin bodies cut short (dropped connection, stall) and asked for again from the last byte, by result: ranged (a 206 continued the body), restarted (a 200 started it over before any client had a byte), failed (the fill gave up).",
+	}, []string{"result"})
+	reg.MustRegister(m.StoreErrors, m.PassedThrough, m.ReadersCut, m.StoreDegraded, m.FillResumes)
 	m.FillsInFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "cove_fills_in_flight",
 		Help: "Origin fills running now.",
@@ -155,6 +160,9 @@ func (m *Metrics) StoreError(op, reason string) { m.StoreErrors.WithLabelValues(
 
 // PassThrough counts one fill passed through unstored.
 func (m *Metrics) PassThrough(reason string) { m.PassedThrough.WithLabelValues(reason).Inc() }
+
+// FillResume counts one resume of an origin body, by result (see fill.Events.Resume).
+func (m *Metrics) FillResume(result string) { m.FillResumes.WithLabelValues(result).Inc() }
 
 // ReaderCut counts one client response cut off behind a pass-through window.
 func (m *Metrics) ReaderCut() { m.ReadersCut.Inc() }

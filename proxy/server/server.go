@@ -181,6 +181,7 @@ func New(cfg Config) (*Server, error) {
 			StoreError:  s.metrics.StoreError,
 			PassThrough: s.metrics.PassThrough,
 			ReaderCut:   s.metrics.ReaderCut,
+			Resume:      s.metrics.FillResume,
 			Condition:   s.metrics.StoreCondition,
 		}),
 	}

@@ -321,7 +321,9 @@ func TestCorruptOrigin(t *testing.T) {
 					w.WriteHeader(200)
 					return
 				}
-				gets.Add(1)
+				if r.Header.Get("Range") == "" {
+					gets.Add(1) // a fill's first request; a truncated body is resumed with Range ones
+				}
 				w.Header().Set("Content-Length", fmt.Sprint(len(good)))
 				w.WriteHeader(200)
 				w.Write(mangle(good))
