@@ -163,9 +163,13 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, req *route.
 				s.storeUploaded(r, req, sp, want)
 			}
 		}
-		s.learn(r.WithContext(context.WithoutCancel(ctx)), req, d)
+		location := ""
+		if d != "" { // a 201 naming no digest (neither a monolithic upload nor a mount) teaches nothing
+			s.learn(r.WithContext(context.WithoutCancel(ctx)), req, d)
+			location = objectLocation(req, "blobs", d)
+		}
 		s.metrics.Request("upload", metrics.ResultPassthrough)
-		relayPush(w, r, resp, objectLocation(req, "blobs", d))
+		relayPush(w, r, resp, location)
 		return
 	case http.StatusAccepted:
 		// A session (an origin without monolithic POST, distribution among them, answers
