@@ -70,7 +70,17 @@ func TestListen(t *testing.T) {
 	// A socket file left behind by a killed process: nobody listens on it.
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ln.Close()
-	ln2, _, err := Listen(sock)
+	// Parallel tests start containerd processes, and a child holds a copy of every
+	// descriptor between its fork and its exec (close-on-exec ones too): for that moment
+	// the closed listener still accepts, and the socket looks live. Seen once under make
+	// test; so the stale socket is tried for up to a second.
+	var ln2 net.Listener
+	for try := 0; ; try++ {
+		if ln2, _, err = Listen(sock); err == nil || try == 20 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatalf("Listen over a stale socket: %v", err)
 	}
