@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -24,9 +23,7 @@ func BenchmarkServeCachedBlobS3(b *testing.B) {
 	small := pushBlob(b, origin.URL, repo, smallSize, 2)
 	ns := origin.Addr
 	m := peers.StartMinIO(b)
-	b.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
-	b.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
-	b.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(b.TempDir(), "none"))
+	m.SetEnv(b)
 	fs := peers.StartCove(b, "", "--origin-plain-http", origin.Addr)
 	s3 := peers.StartCove(b, "", "--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket)
 

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -45,9 +44,7 @@ func TestEvictionOnS3KeepsPinsAndIndex(t *testing.T) {
 		imgs = append(imgs, peers.PushRandomImage(t, origin.Addr, "team/"+name+":v1", 3, 4<<20))
 	}
 	m := peers.StartMinIO(t)
-	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	m.SetEnv(t)
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket,
 		"--storage-max-size", "40MiB", "--pin", origin.Addr+"/base/runtime:v1")
 	const bound = 40 << 20

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -43,9 +42,7 @@ func TestEvictionOnS3(t *testing.T) {
 		imgs = append(imgs, peers.PushRandomImage(t, origin.Addr, "team/s3evict-"+name+":v1", 3, 4<<20))
 	}
 	m := peers.StartMinIO(t)
-	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	m.SetEnv(t)
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint,
 		"--s3-bucket", m.Bucket, "--storage-max-size", "48MiB")
 	client, err := m.Client()

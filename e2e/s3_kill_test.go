@@ -29,9 +29,7 @@ func TestKillDuringS3Upload(t *testing.T) {
 	layer := img.Layers[0]
 	key := "blobs/" + strings.Replace(layer, ":", "/", 1)
 	m := peers.StartMinIO(t)
-	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	m.SetEnv(t)
 	dir := t.TempDir()
 	cove := peers.StartCove(t, dir, "--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket)
 	client, err := m.Client()

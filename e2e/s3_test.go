@@ -26,9 +26,7 @@ func TestPullThroughCacheOnS3(t *testing.T) {
 	img := peers.PushRandomImage(t, origin.Addr, "team/s3app:v1", 3, 20<<20)
 	m := peers.StartMinIO(t)
 	// cove-cache inherits the test's environment: the standard AWS variables, nothing else.
-	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	m.SetEnv(t)
 	flags := []string{"--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket, "--log-level", "debug"}
 	cove := peers.StartCove(t, "", flags...)
 
@@ -134,9 +132,7 @@ func TestS3DownThenBack(t *testing.T) {
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/s3down:v1", 3, 4<<20)
 	m := peers.StartMinIO(t)
-	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	m.SetEnv(t)
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket)
 
 	m.Stop()

@@ -172,6 +172,15 @@ func (m *MinIO) Env() []string {
 	return []string{"AWS_ACCESS_KEY_ID=" + m.AccessKey, "AWS_SECRET_ACCESS_KEY=" + m.SecretKey}
 }
 
+// SetEnv gives this process's children (a cove-cache under test) the server's
+// credentials through the standard AWS variables only, with no shared credentials file
+// of the machine's, for the rest of the test.
+func (m *MinIO) SetEnv(t testing.TB) {
+	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+}
+
 // Pid is the server's process id (for RSS readings).
 func (m *MinIO) Pid() int { return m.proc.cmd.Process.Pid }
 
