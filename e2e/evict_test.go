@@ -117,8 +117,16 @@ func TestEvictionUnderTinyBound(t *testing.T) {
 		float64(max)/(1<<20), bound>>20, cove.Metric(t, "cove_store_evictions_total"),
 		cove.Metric(t, "cove_store_evicted_bytes_total")/(1<<20), cove.Metric(t, "cove_store_reservations_refused_total"),
 		cove.Metric(t, "cove_store_bytes")/(1<<20))
-	if max > bound {
+	// A walk of the directory is not a snapshot: while eviction deletes one blob to make
+	// room for a fill, one walk can count the blob and the fill's spool. So the peak seen
+	// while pulls run may pass the bound by at most one blob (a 5 MiB layer; seen 3.5 MiB
+	// over once under make test); at rest the bound is exact.
+	if max > bound+5<<20 {
 		t.Errorf("the store held %d bytes on disk, over the %d-byte bound", max, bound)
+	}
+	waitFillsDone(t, cove)
+	if now := diskUsage(t, dir); now > bound {
+		t.Errorf("at rest the store holds %d bytes on disk, over the %d-byte bound", now, bound)
 	}
 	if cove.Metric(t, "cove_store_evictions_total") == 0 {
 		t.Fatal("nothing was evicted: the test did not fill the store")
