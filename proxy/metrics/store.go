@@ -52,7 +52,7 @@ func NewStore() *Store {
 		}, []string{"trigger"}),
 		ReserveRefused: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cove_store_reservations_refused_total",
-			Help: "Fills refused room in the store even after eviction (served to their clients, not stored).",
+			Help: "Reservations refused room in the store even after eviction: fills (served to their clients, not stored; also counted in cove_fills_passed_through_total) and pushed blobs (written to the origin, not kept).",
 		}),
 		Errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cove_store_errors_total",
