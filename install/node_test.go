@@ -574,9 +574,9 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{name: "missing binary", args: func(t *testing.T, r string) []string { return with(good(t, r), "--binary", r+"/nope/cove-node") }, want: "--binary"},
 		{name: "binary not cove-node", args: func(t *testing.T, r string) []string { return with(good(t, r), "--binary", notCoveNode) }, want: "not cove-node"},
 		{name: "--root-dir without --no-restart", args: func(t *testing.T, r string) []string { return without(good(t, r), "--no-restart") }, want: "--no-restart"},
-		{name: "uninstall with install flags", args: func(t *testing.T, r string) []string { return append(good(t, r), "--uninstall") }, want: "--uninstall takes only"},
+		{name: "uninstall with install flags", args: func(t *testing.T, r string) []string { return append(good(t, r), "--uninstall") }, want: "uninstall takes only"},
 		{name: "unparsable root config", config: "version = 3\n[plugins.\"io.containerd.cri.v1.images\"\n", args: good, want: "not valid TOML"},
-		{name: "duplicate key in root config", config: "version = 3\nroot = \"/a\"\nroot = \"/b\"\n", args: good, want: "defined twice"},
+		{name: "duplicate key in root config", config: "version = 3\nroot = \"/a\"\nroot = \"/b\"\n", args: good, want: "already defined"},
 		{name: "root config version 1", config: "root = \"/var/lib/containerd\"\n", args: good, want: "no version"},
 		{
 			name:   "config_path set elsewhere",
@@ -603,9 +603,9 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{
 			name: "uninstall with --content-hook",
 			args: func(t *testing.T, r string) []string {
-				return []string{"--root-dir", r, "--no-restart", "--uninstall", "--content-hook"}
+				return []string{"--root-dir", r, "--no-restart", "--uninstall", "--content-hook", "--binary", peers.CoveBinary(t, "cove-node")}
 			},
-			want: "--uninstall takes only",
+			want: "uninstall takes only",
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -632,20 +632,39 @@ func TestBadInputChangesNothing(t *testing.T) {
 	}
 }
 
-// A failure after the first change rolls every change of the run back: here the hosts
-// directory's _default is a file, found only when the script gets to hosts.toml, after it
-// has installed the binary and the unit.
+// A failure after the first change rolls every change of the run back: here the drop-in's
+// directory conf.d is a file, found only when the install writes the drop-in, after it
+// has installed the binary, the unit and hosts.toml (and made their directories).
 func TestFailureMidwayRollsBack(t *testing.T) {
+	t.Parallel()
+	root := t.TempDir()
+	writeFile(t, configPath(root), "version = 3\n")
+	writeFile(t, filepath.Join(root, "etc/containerd/conf.d"), "not a directory\n")
+	before := snapshot(t, root)
+	out, code := run(t, installArgs(t, root, "http://127.0.0.1:5005", "127.0.0.1:5006")...)
+	if code == 0 || !strings.Contains(out, "rolled back") {
+		t.Fatalf("exit status %d, want a failure and a rollback:\n%s", code, out)
+	}
+	for _, want := range []string{"created: /usr/local/bin/cove-node", "created: /etc/containerd/certs.d/_default/hosts.toml"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the install failed before it changed anything (no %q): not a midway failure\n%s", want, out)
+		}
+	}
+	sameTree(t, "rollback", before, snapshot(t, root))
+}
+
+// A hosts directory whose _default is a file is found before anything changes.
+func TestHostsDefaultNotADirectory(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
 	writeFile(t, configPath(root), "version = 3\n")
 	writeFile(t, filepath.Join(hostsDir(root), "_default"), "not a directory\n")
 	before := snapshot(t, root)
 	out, code := run(t, installArgs(t, root, "http://127.0.0.1:5005", "127.0.0.1:5006")...)
-	if code == 0 || !strings.Contains(out, "rolled back") {
-		t.Fatalf("exit status %d, want a failure and a rollback:\n%s", code, out)
+	if code != 1 || !strings.Contains(out, "not a directory") || !strings.Contains(out, "nothing was changed") {
+		t.Fatalf("exit status %d, want 1 and a refusal that changed nothing:\n%s", code, out)
 	}
-	sameTree(t, "rollback", before, snapshot(t, root))
+	sameTree(t, "refusal", before, snapshot(t, root))
 }
 
 // Per-registry directories hide _default: the script says so, and still installs.

@@ -37,6 +37,9 @@ const usage = `cove-node: the cove agent beside containerd on every node.
 Usage:
   cove-node serve [flags]                    run the hooks (see 'cove-node serve -h')
   cove-node print-containerd-config [flags]  print the containerd config fragment for the content hook
+  cove-node install [flags]                  install cove-node beside this node's containerd (see 'cove-node install -h')
+  cove-node uninstall [flags]                put every file the install changed back as it was
+  cove-node doctor [flags]                   check that this node's containerd pulls through cove-node
   cove-node version                          print the version
 `
 
@@ -52,6 +55,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return serve(args[1:], stderr)
 	case "print-containerd-config":
 		return printConfig(args[1:], stdout, stderr)
+	case "install":
+		return installCmd(args[1:], stdout, stderr)
+	case "uninstall":
+		return uninstallCmd(args[1:], stdout, stderr)
+	case "doctor":
+		return doctorCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "cove-node", version.Version)
 		return 0
