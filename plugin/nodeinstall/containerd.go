@@ -171,3 +171,12 @@ func configFiles(cfg, skip string, conf func(string) string, file func(string) s
 	}
 	return nil
 }
+
+// grpcAddress is containerd's gRPC socket in a config: version 4 (containerd 2.3's
+// dump) keeps it in the gRPC server plugin, earlier versions in [grpc].
+func grpcAddress(m map[string]any) string {
+	if a := lookupString(m, "plugins", "io.containerd.server.v1.grpc", "address"); a != "" {
+		return a
+	}
+	return lookupString(m, "grpc", "address")
+}

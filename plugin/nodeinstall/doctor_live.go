@@ -25,7 +25,7 @@ import (
 func (d *doctor) checkDaemon(ctx context.Context) {
 	addr := d.ContainerdAddress
 	if addr == "" {
-		addr = lookupString(d.cfg, "grpc", "address")
+		addr = grpcAddress(d.cfg)
 	}
 	if addr == "" {
 		addr = ctdDefaultSocket

@@ -29,8 +29,10 @@ func HostsBlock(addr string) string {
 		EndMark + "\n"
 }
 
-// StripBlock returns hosts without cove-node's block (from BeginMark to EndMark).
-func StripBlock(hosts []byte) []byte {
+// StripBlock returns hosts without cove-node's block (from BeginMark to EndMark). A
+// BeginMark without its EndMark is an error: stripping to the end of the file would take
+// whatever follows with it.
+func StripBlock(hosts []byte) ([]byte, error) {
 	var out bytes.Buffer
 	skip := false
 	for _, line := range bytes.SplitAfter(hosts, []byte("\n")) {
@@ -45,7 +47,10 @@ func StripBlock(hosts []byte) []byte {
 			skip = false
 		}
 	}
-	return out.Bytes()
+	if skip {
+		return nil, fmt.Errorf("has the line %q without its %q: cove-node's block has no end, so what follows cannot be told from it; fix the file by hand", BeginMark, EndMark)
+	}
+	return out.Bytes(), nil
 }
 
 // MergeHosts returns the _default hosts.toml with cove-node's block first, from existing
@@ -62,7 +67,10 @@ func MergeHosts(existing []byte, addr string) (out []byte, warnings []string, er
 	if err := checkTOML(existing); err != nil {
 		return nil, nil, fmt.Errorf("not valid TOML (%v). containerd ignores every mirror in a file it cannot parse; fix it first", err)
 	}
-	base := StripBlock(existing)
+	base, err := StripBlock(existing)
+	if err != nil {
+		return nil, nil, err
+	}
 	exprs, err := parseDoc(base)
 	if err != nil {
 		return nil, nil, fmt.Errorf("without its cove-node block, not valid TOML (%v); fix it first", err)

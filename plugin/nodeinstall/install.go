@@ -239,7 +239,7 @@ func (in *installer) contentHook(m map[string]any) error {
 	if v := lookupString(m, "root"); v != "" {
 		in.ctdRoot = v
 	}
-	if v := lookupString(m, "grpc", "address"); v != "" {
+	if v := grpcAddress(m); v != "" {
 		in.ctdAddress = v
 	}
 	for _, f := range []struct{ name, v string }{{"root", in.ctdRoot}, {"grpc.address", in.ctdAddress}} {

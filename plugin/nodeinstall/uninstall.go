@@ -150,7 +150,9 @@ func (o *Options) undoEdited(e entry, hp, dropin string) error {
 	}
 	var out []byte
 	if e.role == "hosts" {
-		out = StripBlock(cur)
+		if out, err = StripBlock(cur); err != nil {
+			return err
+		}
 	} else if out, _, err = RemoveImport(cur, o.Conf(dropin)); err != nil {
 		return err
 	}
