@@ -184,4 +184,3 @@ func failure(stderr io.Writer, prog string, err error) int {
 	}
 	return 1
 }
-

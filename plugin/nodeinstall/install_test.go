@@ -163,7 +163,7 @@ func TestInstallRefusesContainerd1(t *testing.T) {
 
 func TestParseVersion(t *testing.T) {
 	for in, want := range map[string][2]int{
-		"containerd github.com/containerd/containerd/v2 2.3.4+unknown": {2, 3},
+		"containerd github.com/containerd/containerd/v2 2.3.4+unknown":             {2, 3},
 		"containerd containerd.io 1.6.33 d2d58213f83a351ca8f528a95fbd145f5654e957": {1, 6},
 		"v2.0.0-rc.3": {2, 0},
 	} {
