@@ -1,0 +1,42 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+func TestInstallSubcommandsRefuseBadFlags(t *testing.T) {
+	dir := t.TempDir()
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"install", "--frobnicate"}, "unknown argument '--frobnicate'"},
+		{[]string{"install", "--root-dir", dir, "--no-restart"}, "--cache URL is required"},
+		{[]string{"install", "--root-dir", dir, "--no-restart", "--cache", "http://c:5005", "--cache-ca="}, "--cache-ca needs a file"},
+		{[]string{"install", "--root-dir", dir, "--cache", "http://c:5005"}, "add --no-restart"},
+		{[]string{"install", "--host-root", dir, "--cache", "http://c:5005"}, "--systemctl"},
+		{[]string{"install", "--root-dir", dir, "--no-restart", "--cache", "http://c:5005", "stray"}, "unknown argument 'stray'"},
+		{[]string{"install", "--cache"}, "needs a value"},
+		{[]string{"uninstall", "--cache", "http://c:5005"}, "uninstall takes only"},
+		{[]string{"uninstall", "--content-hook"}, "uninstall takes only"},
+		{[]string{"uninstall", "--root-dir", dir}, "--no-restart"},
+		{[]string{"doctor", "--nope"}, "unknown argument"},
+		{[]string{"doctor", "--root-dir", dir, "--host-root", dir}, "give one"},
+	} {
+		var out, errb bytes.Buffer
+		if code := run(tt.args, &out, &errb); code != 2 || !strings.Contains(errb.String(), tt.want) {
+			t.Errorf("run(%q) = %d, %q; want 2 mentioning %q", tt.args, code, errb.String(), tt.want)
+		}
+	}
+}
+
+func TestInstallHelp(t *testing.T) {
+	for _, cmd := range []string{"install", "uninstall", "doctor"} {
+		var out, errb bytes.Buffer
+		if code := run([]string{cmd, "-h"}, &out, &errb); code != 0 || !strings.Contains(errb.String(), "Usage") || !strings.Contains(errb.String(), "-root-dir") {
+			t.Errorf("%s -h: %d %q", cmd, code, errb.String())
+		}
+	}
+}
