@@ -42,7 +42,7 @@ func TestParseDocLocatesExpressions(t *testing.T) {
 func TestTOMLErrorsNameTheLine(t *testing.T) {
 	for in, want := range map[string]string{
 		"version = 3\nroot = \"/a\"\nroot = \"/b\"\n": "line 3:",
-		"version = 3\n[plugins\n":                      "line 2:",
+		"version = 3\n[plugins\n":                     "line 2:",
 		"a = 1\n\n\nb = \"x":                          "line 4:",
 	} {
 		if _, err := parseDoc([]byte(in)); err == nil || !strings.HasPrefix(err.Error(), want) {
