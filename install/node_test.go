@@ -673,10 +673,39 @@ func TestWarnsAboutHidingDirectories(t *testing.T) {
 	root := t.TempDir()
 	writeFile(t, configPath(root), "version = 3\n")
 	writeFile(t, filepath.Join(hostsDir(root), "ghcr.io", "ca.crt"), "cert\n")
+	writeFile(t, filepath.Join(hostsDir(root), "ghcr.io", "hosts.toml"), "server = \"https://ghcr.io\"\n[host.\"https://ghcr-mirror.example.com\"]\n")
+	before := snapshot(t, hostsDir(root))
 	out := mustRun(t, installArgs(t, root, "http://127.0.0.1:5005", "127.0.0.1:5006")...)
 	if !strings.Contains(out, "ghcr.io/ exists") || !strings.Contains(out, "bypass cove-node") {
 		t.Errorf("no warning about certs.d/ghcr.io:\n%s", out)
 	}
+	// Another registry's directory, and the mirrors configured in it, stay as they were.
+	after := snapshot(t, hostsDir(root))
+	for _, p := range []string{"ghcr.io", "ghcr.io/ca.crt", "ghcr.io/hosts.toml"} {
+		if before[p] != after[p] {
+			t.Errorf("%s changed: %q, was %q", p, after[p], before[p])
+		}
+	}
+}
+
+// containerd 1.x is refused before anything changes, with the reason. No containerd 1.x
+// binary is at hand: a script answers --version as containerd 1.7.22 does, and the
+// refusal reads nothing else from it.
+func TestRefusesContainerd1(t *testing.T) {
+	t.Parallel()
+	root := t.TempDir()
+	writeFile(t, configPath(root), "version = 2\n")
+	fake := filepath.Join(t.TempDir(), "containerd")
+	writeFile(t, fake, "#!/bin/sh\necho 'containerd github.com/containerd/containerd v1.7.22 7f7fdf5fed64eb6a7caf99b3e12efcf9d60e311c'\n")
+	if err := os.Chmod(fake, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(t, root)
+	out, code := run(t, installArgs(t, root, "http://127.0.0.1:5005", "127.0.0.1:5006", "--containerd-bin", fake)...)
+	if code != 1 || !strings.Contains(out, "containerd 1.7 is not supported") || !strings.Contains(out, "nothing was changed") {
+		t.Fatalf("exit status %d, want 1, the refusal of containerd 1.7 and nothing changed:\n%s", code, out)
+	}
+	sameTree(t, "refusal", before, snapshot(t, root))
 }
 
 func socketUnitPath(root string) string {
