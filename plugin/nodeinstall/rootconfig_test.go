@@ -121,3 +121,48 @@ func TestRemoveImport(t *testing.T) {
 		t.Errorf("RemoveImport changed a config without the drop-in: %q", out)
 	}
 }
+
+// FuzzAddImport: whatever the root config holds, AddImport either refuses it or returns a
+// config that parses, whose imports are the original ones plus the drop-in (or the same
+// file, when an import already loads it), and whose other settings decode as before.
+func FuzzAddImport(f *testing.F) {
+	for _, s := range []string{
+		"version = 3\n",
+		"version = 2 # c\nimports = [\n  \"a.toml\", # x, ]\n  'b.toml'\n]\n[plugins]\n",
+		"version = 3\nimports = []\r\n",
+		"imports = [\"conf.d/*.toml\",]\nversion = 3",
+		"version = 3\nimports = [ \"a\" ,\n\n# c\n ]\n",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		out, changed, err := AddImport([]byte(in), "/etc/containerd/config.toml", dropin)
+		if err != nil {
+			return
+		}
+		before, err := decode([]byte(in))
+		if err != nil {
+			t.Fatalf("AddImport accepted what does not parse: %q", in)
+		}
+		after, err := decode(out)
+		if err != nil {
+			t.Fatalf("result does not parse (%v): %q", err, out)
+		}
+		bi, _ := before["imports"].([]any)
+		ai, _ := after["imports"].([]any)
+		if !changed {
+			if string(out) != in {
+				t.Fatalf("unchanged, but the bytes differ: %q", out)
+			}
+			return
+		}
+		if !reflect.DeepEqual(append(append([]any(nil), bi...), dropin), ai) {
+			t.Fatalf("imports %q, want %q and the drop-in; from %q to %q", ai, bi, in, out)
+		}
+		delete(before, "imports")
+		delete(after, "imports")
+		if !reflect.DeepEqual(before, after) {
+			t.Fatalf("other settings changed: %q to %q", in, out)
+		}
+	})
+}
