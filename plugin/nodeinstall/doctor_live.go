@@ -128,34 +128,41 @@ func bootTime() (time.Time, bool) {
 	return time.Time{}, false
 }
 
-// checkCoveNode probes cove-node where hosts.toml sends containerd: /healthz answers, and
-// its metrics say whether it reaches cove-cache.
+// checkCoveNode probes cove-node where hosts.toml sends containerd: /healthz answers, the
+// resolver endpoint answers /v2/ as a registry does, and its metrics say whether it
+// reaches cove-cache.
 func (d *doctor) checkCoveNode(ctx context.Context) {
 	const name = "cove-node"
 	base := "http://" + d.Addr
 	client := &http.Client{Timeout: d.Timeout}
-	get := func(path string) ([]byte, error) {
+	get := func(path string) ([]byte, http.Header, error) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		resp, err := client.Do(req)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		defer resp.Body.Close()
 		b, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
 		if err == nil && resp.StatusCode != http.StatusOK {
 			err = fmt.Errorf("%s", resp.Status)
 		}
-		return b, err
+		return b, resp.Header, err
 	}
-	if _, err := get("/healthz"); err != nil {
+	if _, _, err := get("/healthz"); err != nil {
 		d.add(name, Fail, fmt.Sprintf("cove-node does not answer on %s (%v; address from %s): containerd skips the mirror and pulls every image from its registry", base, err, d.addrFrom),
 			"systemctl status cove-node; journalctl -u cove-node")
 		return
 	}
-	b, err := get("/metrics")
+	// The resolver endpoint itself, as containerd reaches it: a registry's /v2/.
+	if _, h, err := get("/v2/"); err != nil || h.Get("Docker-Distribution-Api-Version") != "registry/2.0" {
+		d.add(name, Fail, fmt.Sprintf("%s answers /healthz, but its /v2/ is no registry endpoint (%v): is something else listening there?", base, err),
+			"check what listens on "+d.Addr+" (ss -ltnp) and cove-node's --addr")
+		return
+	}
+	b, _, err := get("/metrics")
 	if err != nil {
 		d.add(name, Warn, fmt.Sprintf("cove-node answers /healthz on %s but not /metrics (%v)", base, err), "")
 		return
@@ -176,7 +183,7 @@ func (d *doctor) checkCoveNode(ctx context.Context) {
 			}
 		}
 	}
-	detail := fmt.Sprintf("cove-node answers on %s; requests so far: cache %g, prefill %g, origin %g, handoff %g",
+	detail := fmt.Sprintf("cove-node answers on %s (/healthz, and /v2/ as a registry); requests so far: cache %g, prefill %g, origin %g, handoff %g",
 		base, served["cache"], served["prefill"], served["origin"], served["handoff"])
 	if f := fams["cove_node_caches_bypassed"]; f != nil && len(f.Metric) > 0 && f.Metric[0].GetGauge().GetValue() > 0 {
 		d.add(name, Warn, fmt.Sprintf("%s; %g cove-cache endpoint(s) bypassed (circuit breaker open): pulls go to the origin", detail, f.Metric[0].GetGauge().GetValue()),

@@ -2,6 +2,9 @@ package nodeinstall
 
 import (
 	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -38,5 +41,18 @@ func TestDoctorWithoutConfigFails(t *testing.T) {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, b.String())
 		}
+	}
+}
+
+// Something else on cove-node's address that answers /healthz is not taken for cove-node.
+func TestDoctorProbeWantsARegistryEndpoint(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	}))
+	defer srv.Close()
+	d := &doctor{DoctorOptions: DoctorOptions{Addr: strings.TrimPrefix(srv.URL, "http://"), Timeout: 2 * time.Second}, addrFrom: "--addr"}
+	d.checkCoveNode(context.Background())
+	if len(d.checks) != 1 || d.checks[0].Verdict != Fail || !strings.Contains(d.checks[0].Detail, "no registry endpoint") {
+		t.Errorf("checks %v", d.checks)
 	}
 }
