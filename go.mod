@@ -28,6 +28,7 @@ require (
 	golang.org/x/time v0.16.0
 	google.golang.org/grpc v1.80.0
 	google.golang.org/protobuf v1.36.12
+	oras.land/oras-go/v2 v2.7.0
 )
 
 require (
