@@ -20,7 +20,8 @@ import (
 // mirror is cove-node, in front of cove-cache) pull it through CRI. The first fills
 // cove-cache, the second costs the origin no blob GET, and both hold the pushed bytes.
 //
-// containerd v2.3.4 accepts both shapes at PullImage, and the CRI image ID is the config
+// containerd v2.3.4 accepts both shapes at PullImage, on both of CRI's pull paths (the
+// transfer service, and its own client-side pull), and the CRI image ID is the config
 // digest. What a volume shows differs, and ctr image mount takes the steps CRI takes for
 // an image volume (Unpack, RootFS, a snapshot of the chain ID, mount: mutateImageMount in
 // internal/cri/server/container_image_mount.go):
@@ -35,20 +36,23 @@ func TestImageVolumeArtifactThroughCRI(t *testing.T) {
 	const size = 8 << 20
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr)
 
-	for _, tc := range []struct {
+	for i, tc := range []struct {
 		name      string
 		push      func(t testing.TB, ctx context.Context, addr, repo, tag string, size int64, seed uint64) pushedArtifact
 		mountable bool
+		opts      []peers.ContainerdOption // CRI's pull path: the transfer service by default
 	}{
 		{name: "model", push: pushModelArtifact},
 		{name: "mountable", push: pushMountableModelArtifact, mountable: true},
+		{name: "model-local-pull", push: pushModelArtifact, opts: []peers.ContainerdOption{peers.WithCRILocalPull()}},
+		{name: "mountable-local-pull", push: pushMountableModelArtifact, mountable: true, opts: []peers.ContainerdOption{peers.WithCRILocalPull()}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a := tc.push(t, ctx, origin.Addr, "ml/"+tc.name, "v1", size, uint64(len(tc.name)))
+			a := tc.push(t, ctx, origin.Addr, "ml/"+tc.name, "v1", size, uint64(i))
 			blobs := a.Fetched()
 			from := len(origin.Requests())
 			misses0 := cove.Metric(t, "cove_requests_total", `operation="blob"`, `result="miss"`)
-			first := criPullThroughNode(t, ctx, cove, origin, a)
+			first := criPullThroughNode(t, ctx, cove, origin, a, tc.opts...)
 			var fills []string
 			for _, q := range origin.Requests()[from:] {
 				if q.Method == "GET" && strings.Contains(q.Path, "/blobs/") {
@@ -67,7 +71,7 @@ func TestImageVolumeArtifactThroughCRI(t *testing.T) {
 
 			gets := origin.BlobGETs()
 			hits0 := cove.Metric(t, "cove_requests_total", `operation="blob"`, `result="hit"`)
-			second := criPullThroughNode(t, ctx, cove, origin, a)
+			second := criPullThroughNode(t, ctx, cove, origin, a, tc.opts...)
 			for _, d := range blobs {
 				if n := origin.BlobGETs()[d] - gets[d]; n != 0 {
 					t.Errorf("the second node's pull made %d origin GETs of %s, want 0", n, d)
@@ -95,10 +99,10 @@ func TestImageVolumeArtifactThroughCRI(t *testing.T) {
 // volume, without credentials) on a fresh containerd whose _default mirror is a fresh
 // cove-node in front of cove: a new node of the cluster. It checks what CRI answered and
 // that containerd's content store holds the pushed manifest, config and layer bytes.
-func criPullThroughNode(t *testing.T, ctx context.Context, cove *peers.Cove, origin *peers.Registry, a pushedArtifact) *peers.Containerd {
+func criPullThroughNode(t *testing.T, ctx context.Context, cove *peers.Cove, origin *peers.Registry, a pushedArtifact, opts ...peers.ContainerdOption) *peers.Containerd {
 	t.Helper()
 	node := peers.StartCoveNode(t, []string{cove.URL}, "--origin-plain-http", origin.Addr)
-	c := peers.StartContainerd(t, peers.WithMirror(node.URL))
+	c := peers.StartContainerd(t, append([]peers.ContainerdOption{peers.WithMirror(node.URL)}, opts...)...)
 	id, err := c.CRIPull(ctx, a.Ref, nil)
 	if err != nil {
 		t.Fatal(err)
