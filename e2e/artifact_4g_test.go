@@ -110,7 +110,9 @@ func TestArtifact4GTwoClientsOneResumedFill(t *testing.T) {
 			statuses = append(statuses, q.Status)
 		}
 	}
-	const slack = 64 << 20
+	// In flight at the cut: 6-36 MiB seen under load; a fill started over would add half
+	// the blob, more than this.
+	slack := min(256<<20, size/4)
 	t.Logf("origin GETs of the layer answered %v, %d bytes in all (%d past the blob's size)", statuses, sent, sent-size)
 	if len(statuses) < 2 || statuses[0] != http.StatusOK && statuses[0] != http.StatusPartialContent {
 		t.Errorf("origin GETs of the layer answered %v: want a GET, cut, and ranged GETs to finish it", statuses)
