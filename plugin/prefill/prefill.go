@@ -172,14 +172,14 @@ func (p *Prefiller) OnManifest(_ context.Context, m mirror.Manifest) func(contex
 			continue
 		}
 		d, size := desc.Digest, desc.Size
-		f, _ := p.fills.Join(fill.Key{Registry: "local", Digest: d}, owner, func(ctx context.Context, from int64) (*http.Response, error) {
+		f, _ := p.fills.Join(fill.Key{Registry: "local", Digest: d}, owner, func(ctx context.Context, from, to int64) (*http.Response, error) {
 			release, err := p.acquire(ctx, d)
 			if err != nil {
 				return nil, err
 			}
 			h := header.Clone()
 			h.Del("Range")
-			for k, v := range fill.RangeHeader(from) { // from > 0: the fill resumes a body cut short
+			for k, v := range fill.RangeHeader(from, to) { // a range: the fill resumes a body cut short
 				h[k] = v
 			}
 			resp, err := p.cfg.Fetch(ctx, m.Registry, m.Repository, d, h)

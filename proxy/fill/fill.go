@@ -31,20 +31,27 @@ import (
 )
 
 // FetchFunc performs the origin request for a fill. It runs on the fill's own context.
-// from is 0 for the first request; a fill whose origin connection dropped mid-body calls
-// it again with the first byte it lacks, and the request must then ask for the bytes
-// from there on (RangeHeader). The fill checks the answer: a 206 whose Content-Range
-// starts at from and has the blob's size, or a 200 (the whole body again).
-type FetchFunc func(ctx context.Context, from int64) (*http.Response, error)
+// It asks for the blob's bytes from from through to (inclusive; to < 0: to the end),
+// with the header RangeHeader(from, to). The first request is (0, -1), the whole body; a
+// fill whose origin connection dropped mid-body asks again for the bytes it lacks, and a
+// fill fetched in parallel ranges (parallel.go) asks for bounded ones. The fill checks
+// the answer: a 206 whose Content-Range is the range asked with the blob's size, or a
+// 200 (the origin ignored the range: the whole body).
+type FetchFunc func(ctx context.Context, from, to int64) (*http.Response, error)
 
-// RangeHeader is the header a FetchFunc adds to ask for the bytes from from on: nil for 0.
-// A blob is addressed by its digest, which the fill verifies end to end, so no If-Range
-// validator is needed: the 206's Content-Range and the digest are the validation.
-func RangeHeader(from int64) http.Header {
-	if from <= 0 {
+// RangeHeader is the header a FetchFunc adds to ask for bytes from through to (to < 0:
+// to the end): nil for the whole body. A blob is addressed by its digest, which the fill
+// verifies end to end, so no If-Range validator is needed: the 206's Content-Range and
+// the digest are the validation.
+func RangeHeader(from, to int64) http.Header {
+	if from <= 0 && to < 0 {
 		return nil
 	}
-	return http.Header{"Range": {"bytes=" + strconv.FormatInt(from, 10) + "-"}}
+	v := "bytes=" + strconv.FormatInt(max(from, 0), 10) + "-"
+	if to >= 0 {
+		v += strconv.FormatInt(to, 10)
+	}
+	return http.Header{"Range": {v}}
 }
 
 // CommitFunc stores a verified fill. spoolPath holds exactly the blob; the hook may move
@@ -78,6 +85,7 @@ type Manager struct {
 	onDone       func(f *Fill, err error)
 	events       Events
 	health       health
+	ranges       rangePolicy // parallel ranged fills (parallel.go)
 
 	mu    sync.Mutex
 	fills map[Key]*Fill
@@ -146,6 +154,7 @@ func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error)
 		window:       4 << 20,
 		lag:          2 * time.Second,
 		log:          slog.Default(),
+		ranges:       defaultRanges,
 		fills:        map[Key]*Fill{},
 		stored:       map[Key]time.Time{},
 	}
@@ -180,6 +189,7 @@ func (m *Manager) join(key Key, owner string, from int64, fetch FetchFunc, store
 	if f := m.fills[key]; f != nil && f.serves(from) {
 		f.refs++
 		f.hold(from)
+		f.addFetcher(owner, fetch) // its credential may carry the fill on (handover.go)
 		return f, false
 	}
 	if at, ok := m.stored[key]; storedToo && ok && m.fills[key] == nil && time.Since(at) < storedMemory {
@@ -196,6 +206,7 @@ func (m *Manager) join(key Key, owner string, from int64, fetch FetchFunc, store
 		started: time.Now(),
 		readers: map[*reader]struct{}{},
 	}
+	f.fetchers = []fetcher{{owner: owner, fetch: fetch}}
 	f.hold(from)
 	m.fills[key] = f
 	go f.run(fetch)
@@ -272,6 +283,10 @@ type Fill struct {
 	holds    []hold               // joiners not reading yet, for the same
 	waiting  bool                 // the fill waits for readers to move
 	progress chan struct{}        // closed when a reader moves while the fill waits
+
+	par      *parallel // set while the blob is fetched in ranges (parallel.go)
+	fetchers []fetcher // the credentials that may carry the fill on (handover.go)
+	cur      int       // the fetcher origin requests use now
 }
 
 // Release drops the caller's reference; the spool is closed when the last one goes.

@@ -84,9 +84,9 @@ func slowOrigin(t *testing.T, body []byte, calls *atomic.Int32, mangle func([]by
 }
 
 func get(url string) FetchFunc {
-	return func(ctx context.Context, from int64) (*http.Response, error) {
+	return func(ctx context.Context, from, to int64) (*http.Response, error) {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		for k, v := range RangeHeader(from) {
+		for k, v := range RangeHeader(from, to) {
 			req.Header[k] = v
 		}
 		return http.DefaultClient.Do(req)

@@ -13,11 +13,16 @@ import (
 // failed fill ends the read with an error wrapping ErrFailed, never with a clean EOF; a
 // reader cut off behind a pass-through fill's window ends with ErrBehind.
 func (f *Fill) NewReader(ctx context.Context, off, n int64) io.Reader {
+	return f.newReader(ctx, off, n, false)
+}
+
+// newReader makes a reader; bounded: see NewRangeReader.
+func (f *Fill) newReader(ctx context.Context, off, n int64, bounded bool) *reader {
 	end := off + n
 	if n < 0 {
 		end = math.MaxInt64
 	}
-	r := &reader{f: f, ctx: ctx, off: off, end: end}
+	r := &reader{f: f, ctx: ctx, off: off, end: end, bounded: bounded}
 	f.mu.Lock()
 	f.readers[r] = struct{}{}
 	f.unhold(off)
@@ -36,6 +41,7 @@ type reader struct {
 	// pass-through fill can see where its readers are.
 	off, end int64
 	cut      bool // fell behind a pass-through window (guarded by f.mu)
+	bounded  bool // a range a client asked for (NewRangeReader)
 
 	stop     func() bool
 	doneOnce sync.Once
@@ -65,17 +71,14 @@ func (r *reader) next(p []byte) (src source, spoolEnd int64, file *os.File, n in
 		if f.err != nil {
 			return 0, 0, nil, 0, f.err
 		}
-		avail := f.received
-		if !f.verified && avail > 0 {
-			avail--
-		}
+		avail := f.readable(r)
 		if r.off < avail {
-			if r.off < f.spooled {
+			if spooled := f.spoolEnd(avail); r.off < spooled {
 				if f.file == nil {
 					return 0, 0, nil, 0, fmt.Errorf("%w: spool closed", ErrFailed)
 				}
 				f.sent = true
-				return fromSpool, min(avail, f.spooled, r.end), f.file, 0, nil
+				return fromSpool, min(avail, spooled, r.end), f.file, 0, nil
 			}
 			if f.win != nil && r.off >= f.win.lo {
 				if len(p) == 0 {
@@ -93,6 +96,7 @@ func (r *reader) next(p []byte) (src source, spoolEnd int64, file *os.File, n in
 		if f.verified {
 			return atEnd, 0, nil, 0, nil
 		}
+		f.wantAhead(r.off) // a fill fetched in ranges fetches them at once (ahead.go)
 		ch := f.changed
 		f.mu.Unlock()
 		select {

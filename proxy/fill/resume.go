@@ -53,8 +53,10 @@ type bodyState struct {
 }
 
 // resume fetches the rest of a body that ended with err. It returns the new body's
-// request context and response, or the error that ends the fill.
-func (f *Fill) resume(ctx context.Context, fetch FetchFunc, st *bodyState, err error) (context.Context, context.CancelCauseFunc, *http.Response, error) {
+// request context and response, or the error that ends the fill. It asks with the fill's
+// current credential, which may be another joiner's than the first request's
+// (handover.go): the FetchFunc argument is the first request's, kept for the signature.
+func (f *Fill) resume(ctx context.Context, _ FetchFunc, st *bodyState, err error) (context.Context, context.CancelCauseFunc, *http.Response, error) {
 	if !errors.Is(err, errCut) || f.size < 0 || ctx.Err() != nil {
 		return nil, nil, nil, err
 	}
@@ -74,7 +76,11 @@ func (f *Fill) resume(ctx context.Context, fetch FetchFunc, st *bodyState, err e
 			return nil, nil, nil, context.Cause(ctx)
 		}
 		attempt, stop := context.WithCancelCause(ctx)
-		res, ferr := fetch(attempt, st.received)
+		res, ferr := f.originFetch(attempt, st.received, -1)
+		if errors.Is(ferr, errCredential) {
+			stop(nil)
+			return nil, nil, nil, f.resumeFailed(st, ferr)
+		}
 		if ferr != nil {
 			stop(nil)
 			err = fmt.Errorf("%w: resume at byte %d: %w", errCut, st.received, ferr)

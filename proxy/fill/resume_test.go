@@ -313,10 +313,16 @@ func TestParseContentRange(t *testing.T) {
 }
 
 func TestRangeHeader(t *testing.T) {
-	if h := RangeHeader(0); h != nil {
-		t.Fatalf("RangeHeader(0) = %v, want nil", h)
+	if h := RangeHeader(0, -1); h != nil {
+		t.Fatalf("RangeHeader(0, -1) = %v, want nil", h)
 	}
-	if v := RangeHeader(42).Get("Range"); v != "bytes=42-" {
-		t.Fatalf("RangeHeader(42) = %q", v)
+	if v := RangeHeader(42, -1).Get("Range"); v != "bytes=42-" {
+		t.Fatalf("RangeHeader(42, -1) = %q", v)
+	}
+	if v := RangeHeader(0, 99).Get("Range"); v != "bytes=0-99" {
+		t.Fatalf("RangeHeader(0, 99) = %q", v)
+	}
+	if v := RangeHeader(100, 199).Get("Range"); v != "bytes=100-199" {
+		t.Fatalf("RangeHeader(100, 199) = %q", v)
 	}
 }

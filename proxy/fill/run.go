@@ -57,7 +57,7 @@ func (f *Fill) run(fetch FetchFunc) {
 // *release is set to the reservation's release.
 func (f *Fill) fetch(ctx context.Context, fetch FetchFunc, st *bodyState, release *func(bool)) error {
 	attempt, stop := context.WithCancelCause(ctx)
-	res, err := fetch(attempt, 0)
+	res, err := fetch(attempt, 0, -1)
 	if err != nil {
 		stop(nil)
 		return err
@@ -84,6 +84,9 @@ func (f *Fill) fetch(ctx context.Context, fetch FetchFunc, st *bodyState, releas
 	if passReason != "" {
 		f.passThrough()
 		f.m.passedThrough(passReason)
+	}
+	if passReason == "" && f.m.inRanges(res.ContentLength) {
+		return f.fetchRanges(ctx, res, attempt, stop, st) // parallel.go
 	}
 
 	buf := make([]byte, f.m.bufSize)

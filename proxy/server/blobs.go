@@ -188,9 +188,10 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 	own := fillOwner(r, req)
 	originHeader := httpx.OriginRequestHeaders(r.Header) // the fill may outlive this request
 	registry := req.Registry
-	fetch := func(ctx context.Context, from int64) (*http.Response, error) {
-		// from > 0: the fill resumes a body cut short, with the same credentials.
-		return s.origin.Do(ctx, http.MethodGet, registry, path, nil, originHeader, fill.RangeHeader(from))
+	fetch := func(ctx context.Context, from, to int64) (*http.Response, error) {
+		// A range: the fill resumes a body cut short, or fetches one of its parallel
+		// segments, with this client's credentials.
+		return s.origin.Do(ctx, http.MethodGet, registry, path, nil, originHeader, fill.RangeHeader(from, to))
 	}
 	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
 	from := rangeStart(r.Header.Get("Range"))
