@@ -36,12 +36,12 @@ func (f *Fill) fetchAhead(p *parallel, t *task) {
 	f.m.log.Debug("fetching a range ahead of the fill for a reader", "registry", f.Key.Registry,
 		"digest", f.Key.Digest, "from", t.lo, "to", t.hi-1)
 	err := f.runTask(p, t, nil, make([]byte, segmentBuf))
+	if err != nil {
+		f.rangeFailed(p, err)
+	}
 	f.mu.Lock()
 	delete(p.tasks, t)
 	p.ahead--
 	f.notify()
 	f.mu.Unlock()
-	if err != nil {
-		f.rangeFailed(p, err)
-	}
 }

@@ -233,15 +233,17 @@ func (f *Fill) worker(p *parallel, t *task, s *stream) {
 		}
 		err := f.runTask(p, t, s, buf)
 		s = nil
+		if err != nil {
+			f.rangeFailed(p, err) // first: the first stream must not take the range over
+		}
 		f.mu.Lock()
 		delete(p.tasks, t)
+		if err != nil {
+			p.exited++
+		}
 		f.notify()
 		f.mu.Unlock()
 		if err != nil {
-			f.rangeFailed(p, err)
-			f.mu.Lock()
-			p.exited++
-			f.mu.Unlock()
 			return
 		}
 		t = nil

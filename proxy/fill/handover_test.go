@@ -1,0 +1,173 @@
+package fill
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+)
+
+// getAs is get with an Authorization header: a credential of one client.
+func getAs(url, credential string) FetchFunc {
+	return func(ctx context.Context, from, to int64) (*http.Response, error) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		for k, v := range RangeHeader(from, to) {
+			req.Header[k] = v
+		}
+		req.Header.Set("Authorization", credential)
+		return http.DefaultClient.Do(req)
+	}
+}
+
+// expiringOrigin serves body to credential "B" always, and to "A" only its first
+// request, held until gate opens: A's token expires while the fill runs. Any other
+// request is answered 401.
+func expiringOrigin(t *testing.T, body []byte, gate chan struct{}, dropFirstAt int) *rangeOrigin {
+	o := startRangeOrigin(t, body, func(w http.ResponseWriter, r *http.Request) bool {
+		auth := r.Header.Get("Authorization")
+		if auth == "A" && r.Header.Get("Range") == "" {
+			<-gate
+			if dropFirstAt > 0 {
+				w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+				w.WriteHeader(http.StatusOK)
+				_, _ = w.Write(body[:dropFirstAt])
+				w.(http.Flusher).Flush()
+				panic(http.ErrAbortHandler) // the connection drops mid-body
+			}
+			return false
+		}
+		if auth != "B" {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="x",error="invalid_token"`)
+			w.WriteHeader(http.StatusUnauthorized)
+			return true
+		}
+		return false
+	})
+	t.Cleanup(func() { openGate(gate) }) // before the origin's Close, which waits for handlers
+	return o
+}
+
+// A parallel fill whose starter's credential is refused on its later ranges goes on
+// with the credential of a client that joined it; the blob is whole and stored.
+func TestHandoverParallelRanges(t *testing.T) {
+	body := randomBytes(t, 6<<20)
+	gate := make(chan struct{})
+	o := expiringOrigin(t, body, gate, 0)
+	m, c, _ := newManager(t, parallelOpts(3)...)
+	key := Key{"r", digest.FromBytes(body)}
+	f, started := m.Join(key, "a", getAs(o.URL, "A"))
+	defer f.Release()
+	g, joined := m.Join(key, "b", getAs(o.URL, "B"))
+	defer g.Release()
+	if !started || joined {
+		t.Fatal("want one fill, started by A and joined by B")
+	}
+	openGate(gate)
+	got, err := io.ReadAll(f.NewReader(context.Background(), 0, -1))
+	if err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read %d bytes, err %v", len(got), err)
+	}
+	waitGone(t, m)
+	if stored, ok := c.get(key.Digest); !ok || !bytes.Equal(stored, body) {
+		t.Fatal("not stored whole")
+	}
+	refusedA, rangedB := 0, 0
+	for _, q := range o.requests() {
+		switch {
+		case q.auth == "A" && q.rng != "":
+			refusedA++
+		case q.auth == "B" && q.rng != "":
+			rangedB++
+		case q.auth == "B":
+			t.Fatal("B's credential fetched the whole body again")
+		}
+	}
+	if refusedA == 0 || rangedB == 0 {
+		t.Fatalf("A's ranges refused %d, B's ranges %d: want both: %v", refusedA, rangedB, o.requests())
+	}
+}
+
+// A fill resuming a dropped single stream with a refused credential resumes with a
+// joiner's instead.
+func TestHandoverSingleStreamResume(t *testing.T) {
+	body := randomBytes(t, 3<<20)
+	gate := make(chan struct{})
+	o := expiringOrigin(t, body, gate, 1<<20)
+	m, c, _ := newManager(t)
+	key := Key{"r", digest.FromBytes(body)}
+	f, _ := m.Join(key, "a", getAs(o.URL, "A"))
+	defer f.Release()
+	g, _ := m.Join(key, "b", getAs(o.URL, "B"))
+	defer g.Release()
+	openGate(gate)
+	got, err := io.ReadAll(f.NewReader(context.Background(), 0, -1))
+	if err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read %d bytes, err %v", len(got), err)
+	}
+	waitGone(t, m)
+	if _, ok := c.get(key.Digest); !ok {
+		t.Fatal("not stored")
+	}
+	reqs := o.requests()
+	last := reqs[len(reqs)-1]
+	if last.auth != "B" || last.rng != "bytes=1048576-" {
+		t.Fatalf("last request %+v, want B resuming at 1 MiB: %v", last, reqs)
+	}
+}
+
+// Attack: a fill whose only credential expires mid-fill ends with an error (its
+// clients' transfers break and they resume), stores nothing, and does not hang.
+func TestHandoverNoOtherCredentialEndsFill(t *testing.T) {
+	body := randomBytes(t, 6<<20)
+	gate := make(chan struct{})
+	o := expiringOrigin(t, body, gate, 0)
+	m, c, dir := newManager(t, parallelOpts(3)...)
+	key := Key{"r", digest.FromBytes(body)}
+	f, _ := m.Join(key, "a", getAs(o.URL, "A"))
+	openGate(gate)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	got, err := io.ReadAll(f.NewReader(ctx, 0, -1))
+	f.Release()
+	if !errors.Is(err, ErrFailed) || !errdefs.IsUnauthorized(err) {
+		t.Fatalf("read %d bytes, err %v; want ErrFailed, unauthenticated", len(got), err)
+	}
+	waitGone(t, m)
+	if _, ok := c.get(key.Digest); ok {
+		t.Fatal("stored a blob whose fill failed")
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Fatalf("spool left behind: %v", entries)
+	}
+}
+
+// The fill keeps at most maxFetchers credentials, one per owner, and never drops the
+// one in use.
+func TestHandoverFetchersBounded(t *testing.T) {
+	f := &Fill{}
+	f.fetchers = []fetcher{{owner: "first", fetch: get("x")}}
+	for i := range 20 {
+		f.addFetcher("o"+strconv.Itoa(i%12), get("x"))
+	}
+	if len(f.fetchers) != maxFetchers {
+		t.Fatalf("%d fetchers kept, want %d", len(f.fetchers), maxFetchers)
+	}
+	if f.fetchers[f.cur].owner != "first" {
+		t.Fatalf("the fetcher in use was dropped: %+v", f.fetchers[f.cur])
+	}
+	seen := map[string]bool{}
+	for _, x := range f.fetchers {
+		if seen[x.owner] {
+			t.Fatalf("owner %s kept twice", x.owner)
+		}
+		seen[x.owner] = true
+	}
+}
