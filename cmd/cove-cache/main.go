@@ -83,6 +83,7 @@ type options struct {
 	tlsKey          string
 	s3              s3Options
 	bound           boundOptions
+	fill            fillOptions
 	config          string
 }
 
@@ -120,6 +121,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM private key `FILE` of --tls-cert, reloaded when it changes")
 	o.s3.register(fs)
 	o.bound.register(fs)
+	o.fill.register(fs)
 	fs.StringVar(&o.config, "config", "", "read settings from this TOML `FILE`: its keys are these flags with _ for - (storage_max_size = \"500GiB\", pin = [\"...\"]); flags on the command line win")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -145,6 +147,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		return nil, err
 	}
 	if err := o.bound.validate(o.s3.endpoint != ""); err != nil {
+		return nil, err
+	}
+	if err := o.fill.validate(); err != nil {
 		return nil, err
 	}
 	for i, h := range o.plainHTTP {
@@ -244,6 +249,9 @@ func serve(args []string, stderr io.Writer) int {
 		AuthzTTL:        authzTTL,
 		ReferrersTTL:    referrersTTL,
 		StallTimeout:    o.stallTimeout,
+		FillParallel:    o.fill.parallel,
+		FillRangeSize:   o.fill.rangeBytes,
+		FillParallelMin: o.fill.minBytes,
 		UploadSessions:  o.uploadSessions,
 		UploadMaxAge:    o.uploadMaxAge,
 		Offline:         o.offline,

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/opencontainers/go-digest"
 
@@ -299,7 +300,13 @@ func (s *Server) streamFill(w http.ResponseWriter, r *http.Request, req *route.R
 	if length == 0 {
 		return
 	}
-	n, err := io.Copy(w, f.NewReader(ctx, start, length))
+	rd := f.NewReader(ctx, start, length)
+	if status == http.StatusPartialContent && boundedRange(r.Header.Get("Range")) {
+		// A range with an end (a lazy puller's): served as its bytes arrive, fetched at
+		// once when far ahead of the fill (see fill.NewRangeReader).
+		rd = f.NewRangeReader(ctx, start, length)
+	}
+	n, err := io.Copy(w, rd)
 	s.metrics.Sent(req.Registry, "fill", n)
 	if err != nil {
 		if errors.Is(err, fill.ErrBehind) {
@@ -312,6 +319,13 @@ func (s *Server) streamFill(w http.ResponseWriter, r *http.Request, req *route.R
 		}
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// boundedRange reports whether a Range header asks for a range with an end ("bytes=a-b"
+// or a suffix "bytes=-n"), not the rest of a body from a byte on ("bytes=a-", a resumed
+// download, which gets the last byte only once the whole blob is verified).
+func boundedRange(header string) bool {
+	return !strings.HasSuffix(strings.TrimSpace(header), "-")
 }
 
 // rangeStart is the first byte a Range header asks for: 0 for none, a suffix range or

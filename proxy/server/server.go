@@ -66,6 +66,12 @@ type Config struct {
 	// PassThroughWindow is the memory a fill whose blob the store cannot take keeps of
 	// the body's most recent bytes for its clients (0: the fill package's 4 MiB).
 	PassThroughWindow int
+	// FillParallel is how many ranges of a blob of at least FillParallelMin bytes a fill
+	// fetches from the origin at once, FillRangeSize bytes each (0: the fill package's
+	// defaults: one stream, 16 MiB, 64 MiB). See fill.WithParallel.
+	FillParallel    int
+	FillRangeSize   int64
+	FillParallelMin int64
 	// UploadSessions bounds the blob upload sessions open at once (default 1024); a
 	// push beyond it is answered 429 before the origin is asked.
 	UploadSessions int
@@ -191,6 +197,15 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.PassThroughWindow > 0 {
 		fillOpts = append(fillOpts, fill.WithPassThroughWindow(cfg.PassThroughWindow))
+	}
+	if cfg.FillParallel > 0 {
+		fillOpts = append(fillOpts, fill.WithParallel(cfg.FillParallel))
+	}
+	if cfg.FillRangeSize > 0 {
+		fillOpts = append(fillOpts, fill.WithRangeSize(cfg.FillRangeSize))
+	}
+	if cfg.FillParallelMin > 0 {
+		fillOpts = append(fillOpts, fill.WithParallelMin(cfg.FillParallelMin))
 	}
 	fills, err = fill.NewManager(filepath.Clean(cfg.SpoolDir), s.commitFill, fillOpts...)
 	if err != nil {
