@@ -13,8 +13,8 @@ import (
 // A fill can outlive the credential it started with: registry tokens last minutes, and
 // a blob of tens of GB takes longer. Every caller that joins a fill passes its own
 // FetchFunc (its credential, its repository); the fill keeps the most recent few. When
-// an origin request after the first (a resume, a ranged segment) is answered 401 or
-// 403, the fill asks again with the credential of another caller that joined it; when
+// an origin request after the first (a resume, a ranged segment) is refused (401, 403,
+// or 404: see refusal), the fill asks again with the credential of another caller that joined it; when
 // none is left it ends with an error, so each client's transfer breaks and the client
 // resumes with a Range request of its own, which starts a fresh fill with its fresh
 // credential. The first request's refusal is not handed over: it is the starting
@@ -91,7 +91,7 @@ func (f *Fill) handOver(i, status int) bool {
 }
 
 // originFetch asks the origin for the blob's bytes from through to (to < 0: to the end)
-// with the fill's current credential, handing over to another on a 401 or 403. Its error
+// with the fill's current credential, handing over to another on a refusal. Its error
 // wraps errCredential when every credential was refused.
 func (f *Fill) originFetch(ctx context.Context, from, to int64) (*http.Response, error) {
 	for {
@@ -103,19 +103,31 @@ func (f *Fill) originFetch(ctx context.Context, from, to int64) (*http.Response,
 		if err != nil {
 			return nil, err
 		}
-		if res.StatusCode != http.StatusUnauthorized && res.StatusCode != http.StatusForbidden {
+		if !refusal(res.StatusCode) {
 			return res, nil
 		}
 		_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
 		res.Body.Close()
 		if !f.handOver(i, res.StatusCode) {
 			var class error = errdefs.ErrUnauthenticated
-			if res.StatusCode == http.StatusForbidden {
+			switch res.StatusCode {
+			case http.StatusForbidden:
 				class = errdefs.ErrPermissionDenied
+			case http.StatusNotFound:
+				class = errdefs.ErrNotFound
 			}
 			f.m.log.Warn("origin refused every credential of a fill mid-fill: ending it so its clients resume",
 				"registry", f.Key.Registry, "digest", f.Key.Digest, "status", res.StatusCode)
 			return nil, fmt.Errorf("%w: %w: origin answered %d at byte %d, and no waiter's credential is left", errCredential, class, res.StatusCode, from)
 		}
 	}
+}
+
+// refusal reports whether an origin's answer to a request after a fill's first refuses
+// the credential: 401 (a token expired), 403, or 404, which a registry answers a
+// credential that may not see the repository (the blob was there: the first request
+// got it). A joiner whose own request was never authorized (its client is refused by
+// the server after joining) is thus passed over, not taken for the blob's absence.
+func refusal(status int) bool {
+	return status == http.StatusUnauthorized || status == http.StatusForbidden || status == http.StatusNotFound
 }

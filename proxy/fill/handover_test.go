@@ -28,8 +28,8 @@ func getAs(url, credential string) FetchFunc {
 }
 
 // expiringOrigin serves body to credential "B" always, and to "A" only its first
-// request, held until gate opens: A's token expires while the fill runs. Any other
-// request is answered 401.
+// request, held until gate opens: A's token expires while the fill runs. "C" gets 404
+// (it may not see the repository), any other 401.
 func expiringOrigin(t *testing.T, body []byte, gate chan struct{}, dropFirstAt int) *rangeOrigin {
 	o := startRangeOrigin(t, body, func(w http.ResponseWriter, r *http.Request) bool {
 		auth := r.Header.Get("Authorization")
@@ -43,6 +43,10 @@ func expiringOrigin(t *testing.T, body []byte, gate chan struct{}, dropFirstAt i
 				panic(http.ErrAbortHandler) // the connection drops mid-body
 			}
 			return false
+		}
+		if auth == "C" { // a joiner that may not see the repository
+			w.WriteHeader(http.StatusNotFound)
+			return true
 		}
 		if auth != "B" {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="x",error="invalid_token"`)
@@ -92,6 +96,40 @@ func TestHandoverParallelRanges(t *testing.T) {
 	}
 	if refusedA == 0 || rangedB == 0 {
 		t.Fatalf("A's ranges refused %d, B's ranges %d: want both: %v", refusedA, rangedB, o.requests())
+	}
+}
+
+// Attack: a client that may not see the repository joins a fill (its own request is
+// refused by the server afterwards, but its FetchFunc was given). When the starter's
+// credential expires, that joiner's 404 is taken for a refusal of its credential, not
+// for the blob's absence: the fill goes on with another joiner's.
+func TestHandoverSkipsJoinerThatCannotSee(t *testing.T) {
+	body := randomBytes(t, 6<<20)
+	gate := make(chan struct{})
+	o := expiringOrigin(t, body, gate, 0)
+	m, c, _ := newManager(t, parallelOpts(3)...)
+	key := Key{"r", digest.FromBytes(body)}
+	f, _ := m.Join(key, "a", getAs(o.URL, "A"))
+	defer f.Release()
+	g, _ := m.Join(key, "b", getAs(o.URL, "B"))
+	defer g.Release()
+	h, _ := m.Join(key, "c", getAs(o.URL, "C")) // the newest: asked first
+	h.Release()
+	openGate(gate)
+	got, err := io.ReadAll(f.NewReader(context.Background(), 0, -1))
+	if err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read %d bytes, err %v", len(got), err)
+	}
+	waitGone(t, m)
+	if _, ok := c.get(key.Digest); !ok {
+		t.Fatal("not stored")
+	}
+	askedC := false
+	for _, q := range o.requests() {
+		askedC = askedC || q.auth == "C"
+	}
+	if !askedC {
+		t.Fatal("the newest joiner's credential was never tried: the test proves nothing")
 	}
 }
 
