@@ -148,3 +148,69 @@ func openGate(gate chan struct{}) {
 		close(gate)
 	}
 }
+
+// Attack: a client asks for many ranges far apart at once. At most as many ranges are
+// fetched ahead at a time as the fill has workers (memory and origin connections stay
+// bounded); the others wait their turn, and every range is served right.
+func TestAheadFetchesBounded(t *testing.T) {
+	body := randomBytes(t, 12<<20)
+	gate := make(chan struct{})
+	o := startRangeOrigin(t, body, func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Header.Get("Range") == "" {
+			w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+			w.WriteHeader(http.StatusOK)
+			w.(http.Flusher).Flush()
+			<-gate
+			_, _ = w.Write(body)
+			return true
+		}
+		<-gate
+		return false
+	})
+	t.Cleanup(func() { openGate(gate) }) // before the origin's Close, which waits for handlers
+	const workers = 2
+	m, c, _ := newManager(t, parallelOpts(workers)...)
+	d := digest.FromBytes(body)
+	f, _ := m.Join(Key{"r", d}, "o", get(o.URL))
+	defer f.Release()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := f.Response(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for { // the fill goes on to ranges once it has the first answer
+		f.mu.Lock()
+		ready := f.par != nil
+		f.mu.Unlock()
+		if ready {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	offsets := []int64{3<<20 + 7, 5 << 20, 7<<20 + 1, 9 << 20, 11<<20 + 3}
+	f.mu.Lock()
+	for _, off := range offsets {
+		f.wantAhead(off)
+	}
+	ahead, tasks := f.par.ahead, len(f.par.tasks)
+	f.mu.Unlock()
+	// The workers' own in-order ranges come on top (the second one's claim may not have
+	// happened yet).
+	if ahead != workers || tasks > workers+workers {
+		t.Fatalf("%d ranges ahead, %d fetches in all; want %d ahead, at most %d in all", ahead, tasks, workers, 2*workers)
+	}
+	openGate(gate)
+	for _, off := range offsets {
+		got, err := io.ReadAll(f.NewRangeReader(ctx, off, 1000))
+		if err != nil || !bytes.Equal(got, body[off:off+1000]) {
+			t.Fatalf("range at %d: %d bytes, err %v", off, len(got), err)
+		}
+	}
+	if whole, err := io.ReadAll(f.NewReader(ctx, 0, -1)); err != nil || !bytes.Equal(whole, body) {
+		t.Fatalf("whole: %d bytes, err %v", len(whole), err)
+	}
+	waitGone(t, m)
+	if _, ok := c.get(d); !ok {
+		t.Fatal("not stored")
+	}
+}
