@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"net/http"
-	"os"
 	"strconv"
 	"testing"
 	"time"
@@ -182,9 +181,7 @@ func TestHandoverNoOtherCredentialEndsFill(t *testing.T) {
 	if _, ok := c.get(key.Digest); ok {
 		t.Fatal("stored a blob whose fill failed")
 	}
-	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
-		t.Fatalf("spool left behind: %v", entries)
-	}
+	assertSpoolEmpty(t, dir)
 }
 
 // The fill keeps at most maxFetchers credentials, one per owner, and never drops the
