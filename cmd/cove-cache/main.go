@@ -84,6 +84,7 @@ type options struct {
 	s3              s3Options
 	bound           boundOptions
 	fill            fillOptions
+	peer            peerOptions
 	config          string
 }
 
@@ -122,6 +123,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	o.s3.register(fs)
 	o.bound.register(fs)
 	o.fill.register(fs)
+	o.peer.register(fs)
 	fs.StringVar(&o.config, "config", "", "read settings from this TOML `FILE`: its keys are these flags with _ for - (storage_max_size = \"500GiB\", pin = [\"...\"]); flags on the command line win")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -150,6 +152,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		return nil, err
 	}
 	if err := o.fill.validate(); err != nil {
+		return nil, err
+	}
+	if err := o.peer.validate(o.s3.endpoint != "", o.bound.maxSize != ""); err != nil {
 		return nil, err
 	}
 	for i, h := range o.plainHTTP {
@@ -210,6 +215,11 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
 		return 2
 	}
+	clusterCfg, err := o.peer.clusterConfig()
+	if err != nil {
+		log.Error("scale-out configuration unusable", "error", err)
+		return 1
+	}
 	opened, ok := openStorage(context.Background(), o, log)
 	if !ok {
 		return 1
@@ -258,6 +268,7 @@ func serve(args []string, stderr io.Writer) int {
 		OfflineMaxAge:   o.offlineMaxAge,
 		// The policy also refuses cove-cache's own listen address (its port included).
 		OriginPolicy: origin.PolicyConfig{Allow: o.originAllow, Deny: o.originDeny, Self: []string{o.addr}},
+		Cluster:      clusterCfg,
 		Logger:       log,
 	})
 	if err != nil {
@@ -290,6 +301,13 @@ func serve(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if clusterCfg != nil {
+		go func() {
+			if err := clusterCfg.Membership.Run(ctx); err != nil && ctx.Err() == nil {
+				log.Error("membership stopped: owners are computed from the last members seen", "error", err)
+			}
+		}()
+	}
 	errc := make(chan error, 1)
 	scheme := "http"
 	if reloader != nil {
@@ -302,7 +320,11 @@ func serve(args []string, stderr io.Writer) int {
 	} else {
 		go func() { errc <- hs.Serve(ln) }()
 	}
-	log.Info("cove-cache serving", append([]any{"addr", ln.Addr().String(), "scheme", scheme, "version", version.Version}, opened.attrs...)...)
+	attrs := append([]any{"addr", ln.Addr().String(), "scheme", scheme, "version", version.Version}, opened.attrs...)
+	if clusterCfg != nil {
+		attrs = append(attrs, "advertise_url", clusterCfg.Self, "peers", clusterCfg.Membership.Members())
+	}
+	log.Info("cove-cache serving", attrs...)
 	select {
 	case err := <-errc:
 		log.Error("server stopped", "error", err)

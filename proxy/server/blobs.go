@@ -49,6 +49,9 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Re
 		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return
 	}
+	if s.forwardMiss(w, r, req, path) {
+		return // its owner, another replica, serves it (peer.go)
+	}
 	s.serveFromFill(w, r, req, path)
 }
 
@@ -185,8 +188,6 @@ func (s *Server) parseRange(w http.ResponseWriter, r *http.Request, size int64) 
 // serveFromFill serves a blob the cache does not have: it starts the one origin fetch for
 // it, or joins the one running, and streams while the bytes arrive.
 func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *route.Request, path string) {
-	ctx := r.Context()
-	own := fillOwner(r, req)
 	originHeader := httpx.OriginRequestHeaders(r.Header) // the fill may outlive this request
 	registry := req.Registry
 	fetch := func(ctx context.Context, from, to int64) (*http.Response, error) {
@@ -194,12 +195,20 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 		// segments, with this client's credentials.
 		return s.origin.Do(ctx, http.MethodGet, registry, path, nil, originHeader, fill.RangeHeader(from, to))
 	}
+	s.serveFromFillVia(w, r, req, path, s.fills, fetch)
+}
+
+// serveFromFillVia is serveFromFill with the fills of fills, started with fetch: the
+// origin's, or a peer's (peer.go).
+func (s *Server) serveFromFillVia(w http.ResponseWriter, r *http.Request, req *route.Request, path string, fills *fill.Manager, fetch fill.FetchFunc) {
+	ctx := r.Context()
+	own := fillOwner(r, req)
 	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
 	from := rangeStart(r.Header.Get("Range"))
 	// A fill another client started that ends without content (that client's credentials
 	// were refused) is no answer for this one: it gets one fill of its own.
 	for attempt := 0; attempt < 2; attempt++ {
-		f, started := s.fills.JoinAt(key, own, from, fetch)
+		f, started := fills.JoinAt(key, own, from, fetch)
 		if f == nil {
 			// A fill stored the blob between this request's look at the store and now.
 			if size, ok := s.hasBlob(ctx, req.Registry, req.Digest); ok {
@@ -209,8 +218,8 @@ func (s *Server) serveFromFill(w http.ResponseWriter, r *http.Request, req *rout
 				}
 				return
 			}
-			s.fills.ForgetStored(key) // evicted since: fetch it again
-			if f, started = s.fills.JoinAt(key, own, from, fetch); f == nil {
+			fills.ForgetStored(key) // evicted since: fetch it again
+			if f, started = fills.JoinAt(key, own, from, fetch); f == nil {
 				s.metrics.Request("blob", metrics.ResultError)
 				httpx.WriteError(w, http.StatusBadGateway, "UNAVAILABLE", "blob stored and gone again: retry")
 				return

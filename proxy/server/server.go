@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/cove-oci/cove/proxy/authz"
+	"github.com/cove-oci/cove/proxy/cluster"
 	"github.com/cove-oci/cove/proxy/fill"
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/metrics"
@@ -79,6 +80,9 @@ type Config struct {
 	// lives at most 24 times this): its spooled bytes are removed and its handle is
 	// unknown from then on.
 	UploadMaxAge time.Duration
+	// Cluster, when set, makes this server one replica of several on shared storage:
+	// a blob miss goes to its owner replica (peer.go, docs/scaleout.md).
+	Cluster *ClusterConfig
 	// Transport overrides the origin transport (tests).
 	Transport http.RoundTripper
 	Logger    *slog.Logger
@@ -101,6 +105,7 @@ type Server struct {
 	tokens    *token.Broker
 	uploads   *uploadTable
 	referrers *referrersCache
+	peers     *peering         // nil: a single replica
 	pending   pendingStores    // pushed blobs being stored
 	reserve   fill.ReserveFunc // room for a pushed blob before it is stored (nil: unbounded)
 
@@ -218,6 +223,12 @@ func New(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: upload spool: %w", err)
 	}
 
+	if cfg.Cluster != nil {
+		if err := s.startPeering(cfg.Cluster, filepath.Clean(cfg.SpoolDir), cfg.StallTimeout); err != nil {
+			return nil, err
+		}
+	}
+
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("/v2/", s.serveDistribution)
 	s.mux.HandleFunc("/v2", s.serveDistribution)
@@ -237,7 +248,15 @@ func (s *Server) UploadSessions() int { return s.uploads.len() }
 // Fills exposes the fill manager (tests wait for fills to settle).
 func (s *Server) Fills() *fill.Manager { return s.fills }
 
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if cluster.IsPeerRequest(r) {
+		var ok bool
+		if r, ok = s.acceptPeer(w, r); !ok {
+			return
+		}
+	}
+	s.mux.ServeHTTP(w, r)
+}
 
 // serveReady answers 200 when storage answers. A store that cannot take blobs (full,
 // failing) still answers 200, with a body naming the condition: the replica serves its
