@@ -109,3 +109,16 @@ func TestRendezvousNearNames(t *testing.T) {
 		t.Errorf("owners of near names: %v", count)
 	}
 }
+
+// The cost of one ownership decision, paid on every blob miss (docs/scaleout.md).
+func BenchmarkOwner(b *testing.B) {
+	for _, n := range []int{3, 10} {
+		members := testMembers(n)
+		key := testKeys(1)[0]
+		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
+			for b.Loop() {
+				_ = Owner(members, key)
+			}
+		})
+	}
+}

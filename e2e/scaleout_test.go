@@ -1,0 +1,231 @@
+package e2e
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+
+	"github.com/cove-oci/cove/internal/peers"
+	"github.com/cove-oci/cove/proxy/cluster"
+)
+
+// startScaleOut starts a MinIO and n cove-cache replicas on its bucket, reaching origin
+// (HOST:PORT) over plain HTTP.
+func startScaleOut(t *testing.T, n int, origin string) (*peers.MinIO, *peers.CoveReplicas) {
+	t.Helper()
+	m := peers.StartMinIO(t)
+	m.SetEnv(t)
+	cr := peers.StartCoveReplicas(t, n, "--origin-plain-http", origin, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket)
+	return m, cr
+}
+
+func replicaURLs(cr *peers.CoveReplicas) []string {
+	var urls []string
+	for _, c := range cr.Replicas {
+		urls = append(urls, c.URL)
+	}
+	return urls
+}
+
+// replicaMetric sums a metric over every replica that is still running.
+func replicaMetric(t *testing.T, replicas []*peers.Cove, name string, labels ...string) float64 {
+	t.Helper()
+	var sum float64
+	for _, c := range replicas {
+		sum += c.Metric(t, name, labels...)
+	}
+	return sum
+}
+
+// pullAll pulls ref on every containerd at once and returns each pull's error.
+func pullAll(ctx context.Context, nodes []*peers.Containerd, ref string) []error {
+	errs := make([]error, len(nodes))
+	var wg sync.WaitGroup
+	for i, c := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = c.Pull(ctx, ref)
+		}()
+	}
+	wg.Wait()
+	return errs
+}
+
+func replicaLogs(cr *peers.CoveReplicas) string {
+	var b strings.Builder
+	for i, c := range cr.Replicas {
+		b.WriteString("--- replica " + string(rune('0'+i)) + " " + c.URL + "\n" + s3LogTail(c.LogPath) + "\n")
+	}
+	return b.String()
+}
+
+// checkBucketBlobs reads every blob object in the bucket back and checks its bytes
+// against its digest: whatever happened, nothing corrupt is stored.
+func checkBucketBlobs(t *testing.T, ctx context.Context, m *peers.MinIO) int {
+	t.Helper()
+	c, err := m.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for obj := range c.ListObjects(ctx, m.Bucket, minio.ListObjectsOptions{Prefix: "blobs/sha256/", Recursive: true}) {
+		if obj.Err != nil {
+			t.Fatal(obj.Err)
+		}
+		r, err := c.GetObject(ctx, m.Bucket, obj.Key, minio.GetObjectOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := sha256.New()
+		_, err = io.Copy(h, r)
+		r.Close()
+		if err != nil {
+			t.Fatalf("reading %s: %v", obj.Key, err)
+		}
+		if got := hex.EncodeToString(h.Sum(nil)); got != strings.TrimPrefix(obj.Key, "blobs/sha256/") {
+			t.Errorf("%s in the bucket holds bytes of sha256:%s", obj.Key, got)
+		}
+		n++
+	}
+	return n
+}
+
+// Five fresh containerds pull one cold image at once, spread over three replicas on one
+// bucket: the origin sees one GET per blob, every digest is right, the non-owners' misses
+// went through their owners, and each blob is in the bucket once and right. A warm pull
+// through every replica then costs the origin nothing.
+func TestScaleOutColdPullOneOriginFetch(t *testing.T) {
+	ctx := testCtx(t)
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/scale:v1", 4, 4<<20)
+	m, cr := startScaleOut(t, 3, origin.Addr)
+	nodes := make([]*peers.Containerd, 5)
+	for i := range nodes {
+		nodes[i] = peers.StartContainerd(t, peers.WithMirror(cr.Replicas[i%len(cr.Replicas)].URL))
+	}
+	start := time.Now()
+	for i, err := range pullAll(ctx, nodes, img.Ref) {
+		if err != nil {
+			t.Fatalf("cold pull %d: %v\n%s", i, err, replicaLogs(cr))
+		}
+	}
+	t.Logf("five cold pulls over three replicas: %v", time.Since(start))
+	for _, n := range nodes {
+		peers.CheckPulled(t, ctx, n, img)
+	}
+	gets := origin.BlobGETs()
+	for _, d := range allBlobs(img) {
+		if gets[d] != 1 {
+			t.Errorf("origin GETs of %s = %d, want 1", d, gets[d])
+		}
+	}
+	if fw := replicaMetric(t, cr.Replicas, "cove_peer_forwarded_total", `to="owner"`); fw == 0 {
+		t.Error("no miss was forwarded to its owner")
+	}
+	if acc := replicaMetric(t, cr.Replicas, "cove_peer_requests_total", `result="accepted"`); acc == 0 {
+		t.Error("no replica accepted a peer request")
+	}
+	if rej := replicaMetric(t, cr.Replicas, "cove_peer_requests_total", `result="rejected"`); rej != 0 {
+		t.Errorf("%v peer requests between genuine replicas were rejected", rej)
+	}
+	waitObjects(t, ctx, m, allBlobs(img))
+	if n := checkBucketBlobs(t, ctx, m); n != len(allBlobs(img)) {
+		t.Errorf("%d blob objects in the bucket, want %d", n, len(allBlobs(img)))
+	}
+
+	before := origin.BlobGETs()
+	warm := make([]*peers.Containerd, len(cr.Replicas))
+	for i, c := range cr.Replicas {
+		warm[i] = peers.StartContainerd(t, peers.WithMirror(c.URL))
+	}
+	for i, err := range pullAll(ctx, warm, img.Ref) {
+		if err != nil {
+			t.Fatalf("warm pull %d: %v", i, err)
+		}
+		peers.CheckPulled(t, ctx, warm[i], img)
+	}
+	after := origin.BlobGETs()
+	for _, d := range allBlobs(img) {
+		if after[d] != before[d] {
+			t.Errorf("warm pulls: %d origin GETs of %s, want 0", after[d]-before[d], d)
+		}
+	}
+}
+
+// kill -9 of the replica that owns a layer while three nodes pull a cold image through
+// cove-nodes spread over the three replicas (each node's cove-node lists them in another
+// order), from a slow origin: every pull completes with the right digests, the other
+// replicas route around the dead owner, nothing corrupt is in the bucket, and a warm
+// pull through a survivor costs the origin no blob.
+func TestScaleOutKillOwnerDuringColdPull(t *testing.T) {
+	ctx := testCtx(t)
+	registry := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, registry.Addr, "team/scalekill:v1", 3, 8<<20)
+	slow := startThrottleProxy(t, registry.Addr, 4<<20) // 2 s per layer
+	img.Ref = strings.Replace(img.Ref, registry.Addr, slow.Addr, 1)
+	m, cr := startScaleOut(t, 3, slow.Addr)
+	urls := replicaURLs(cr)
+	var victim *peers.Cove
+	var survivors []*peers.Cove
+	owner := cluster.Owner(urls, img.Layers[0])
+	for _, c := range cr.Replicas {
+		if c.URL == owner {
+			victim = c
+		} else {
+			survivors = append(survivors, c)
+		}
+	}
+	nodes := make([]*peers.Containerd, len(urls))
+	for i := range nodes {
+		order := append(append([]string{}, urls[i:]...), urls[:i]...)
+		cn := peers.StartCoveNode(t, order, "--origin-plain-http", slow.Addr)
+		nodes[i] = peers.StartContainerd(t, peers.WithMirror(cn.URL))
+	}
+
+	errc := make(chan []error, 1)
+	go func() { errc <- pullAll(ctx, nodes, img.Ref) }()
+	// Kill the owner once its origin fill is a good way into a layer.
+	deadline := time.Now().Add(60 * time.Second)
+	for victim.Metric(t, "cove_origin_bytes_total") < 3<<20 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the owner fetched nothing from the origin in 60 s\n%s", replicaLogs(cr))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	victim.Kill9()
+	t.Logf("killed the owner %s mid-fill", victim.URL)
+	for i, err := range <-errc {
+		if err != nil {
+			t.Fatalf("pull %d with its owner killed: %v\n%s", i, err, replicaLogs(cr))
+		}
+	}
+	for _, n := range nodes {
+		peers.CheckPulled(t, ctx, n, img)
+	}
+	if down := replicaMetric(t, survivors, "cove_peer_owner_down_total"); down == 0 {
+		t.Errorf("no survivor routed around the dead owner\n%s", replicaLogs(cr))
+	}
+	waitObjects(t, ctx, m, allBlobs(img))
+	checkBucketBlobs(t, ctx, m)
+
+	before := registry.BlobGETs()
+	warm := peers.StartContainerd(t, peers.WithMirror(survivors[0].URL))
+	if err := warm.Pull(ctx, img.Ref); err != nil {
+		t.Fatalf("warm pull through a survivor: %v", err)
+	}
+	peers.CheckPulled(t, ctx, warm, img)
+	after := registry.BlobGETs()
+	for _, d := range allBlobs(img) {
+		if after[d] != before[d] {
+			t.Errorf("warm pull: %d origin GETs of %s, want 0", after[d]-before[d], d)
+		}
+	}
+}
