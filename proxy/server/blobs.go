@@ -49,7 +49,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Re
 		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return
 	}
-	if s.forwardMiss(w, r, req, path) {
+	if s.forwardMiss(w, r, req, path) || s.joinPeerFill(w, r, req, path) {
 		return // its owner, another replica, serves it (peer.go)
 	}
 	s.serveFromFill(w, r, req, path)

@@ -124,10 +124,16 @@ func cmp(d, def time.Duration) time.Duration {
 
 type peerRequestKey struct{}
 
+// peerRefusedHeader marks a 403 that refused a request's peer authentication, not the
+// origin's 403: the sender's secret differs (a misconfigured or rotating replica), and it
+// goes to the next owner rather than relay a refusal its client did not earn.
+const peerRefusedHeader = "Cove-Peer-Refused"
+
 // acceptPeer checks a request that carries peer headers. A valid one goes on marked as
 // a peer request (never forwarded again); any other is refused here: a request that
 // claims to come from a replica and cannot prove it is an attack, not a client.
 func (s *Server) acceptPeer(w http.ResponseWriter, r *http.Request) (*http.Request, bool) {
+	w.Header().Set(peerRefusedHeader, "1") // on the refusals below: the sender routes around this replica
 	if s.peers == nil {
 		s.log.Warn("peer request refused: this cove-cache has no peers", "remote", r.RemoteAddr, "path", r.URL.Path)
 		httpx.WriteError(w, http.StatusForbidden, "DENIED", "peer requests are not accepted here")
@@ -142,6 +148,7 @@ func (s *Server) acceptPeer(w http.ResponseWriter, r *http.Request) (*http.Reque
 		return nil, false
 	}
 	s.peers.metrics.requests.WithLabelValues("accepted").Inc()
+	w.Header().Del(peerRefusedHeader)
 	return r.WithContext(context.WithValue(r.Context(), peerRequestKey{}, peer)), true
 }
 
@@ -173,6 +180,32 @@ func (s *Server) forwardMiss(w http.ResponseWriter, r *http.Request, req *route.
 	return true
 }
 
+// joinPeerFill serves a miss this replica fills itself (it owns the blob, or the request
+// came from a peer) from a peer fill of the blob in flight here, and reports whether it
+// did. Such a fill exists when this replica was asking an owner that has since died, or
+// while replicas disagree on the owner: joining it saves a second origin fetch. A fill
+// started here (the peer fill ended meanwhile) goes to the origin, never to a peer.
+func (s *Server) joinPeerFill(w http.ResponseWriter, r *http.Request, req *route.Request, path string) bool {
+	p := s.peers
+	if p == nil || r.Method != http.MethodGet {
+		return false
+	}
+	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
+	f := p.fills.Lookup(key)
+	if f == nil {
+		return false
+	}
+	f.Release()
+	originHeader := httpx.OriginRequestHeaders(r.Header)
+	fetch := func(ctx context.Context, from, to int64) (*http.Response, error) {
+		p.metrics.forwarded.WithLabelValues("origin").Inc()
+		p.setOrigined(key)
+		return s.origin.Do(ctx, http.MethodGet, key.Registry, path, nil, originHeader, fill.RangeHeader(from, to))
+	}
+	s.serveFromFillVia(w, r, req, path, p.fills, fetch)
+	return true
+}
+
 // fetchFunc is a peer fill's FetchFunc: the owner's answer, or when the owners ranked
 // above this replica are all down, the origin's. A call with from > 0 and no end resumes a
 // stream cut short: its owner is marked down first, so the next in rank serves the rest.
@@ -191,6 +224,12 @@ func (p *peering) fetchFunc(s *Server, key fill.Key, uri, path string, originHea
 				return s.origin.Do(ctx, http.MethodGet, key.Registry, path, nil, originHeader, fill.RangeHeader(from, to))
 			}
 			resp, err := p.get(ctx, owner, uri, originHeader, from, to)
+			if err == nil && resp.StatusCode == http.StatusForbidden && resp.Header.Get(peerRefusedHeader) != "" {
+				resp.Body.Close()
+				s.log.Error("owner replica refused this replica's peer authentication: do the replicas hold the same --peer-secret-file?", "owner", owner)
+				p.markDown(s, owner, errors.New("peer authentication refused"))
+				continue
+			}
 			if err == nil {
 				p.metrics.forwarded.WithLabelValues("owner").Inc()
 				last = owner

@@ -424,3 +424,32 @@ func TestPeerMembershipChangeNoRefetch(t *testing.T) {
 		}
 	}
 }
+
+// Replicas given different secrets (a misconfiguration, or a rotation half done): the
+// owner refuses the peer request, and the asking replica routes around it to the origin
+// instead of relaying a 403 its client did not earn.
+func TestPeerSecretMismatchRoutedAround(t *testing.T) {
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/mismatch:v1", 1, 1<<20)
+	n := 0
+	rs := newReplicaSet(t, 2, origin.Addr, func(cfg *server.Config) {
+		if n++; n == 2 {
+			cfg.Cluster.Secret = []byte("another secret, of the other replica")
+		}
+	})
+	d := img.Layers[0]
+	asker, owner := rs.nonOwner(d)
+	_, body := mustGet(t, asker.url(origin.Addr, "/v2/team/mismatch/blobs/"+d), nil, http.StatusOK)
+	if sha(body) != d {
+		t.Fatal("wrong bytes")
+	}
+	if got := peerMetric(t, owner, "cove_peer_requests_total", "rejected"); got != 1 {
+		t.Errorf("the owner rejected %v peer requests, want 1", got)
+	}
+	if got := peerMetric(t, asker, "cove_peer_forwarded_total", "origin"); got != 1 {
+		t.Errorf("the asker fetched %v times from the origin, want 1", got)
+	}
+	if got := peerMetric(t, asker, "cove_peer_owner_down_total", ""); got != 1 {
+		t.Errorf("owner-down events = %v, want 1", got)
+	}
+}
