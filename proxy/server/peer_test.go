@@ -209,7 +209,14 @@ func TestPeerOwnerDownRoutedAround(t *testing.T) {
 	for _, c := range rs.replicas {
 		c.settle(t)
 	}
-	if _, err := rs.store.Stat(t.Context(), digest.Digest(d)); err != nil {
+	// A peer fill that went to the origin stores after its client's last byte: wait.
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, err = rs.store.Stat(t.Context(), digest.Digest(d)); err == nil {
+			break
+		}
+	}
+	if err != nil {
 		t.Fatalf("the blob was not stored after the owner was routed around: %v", err)
 	}
 	if n := rs.store.count(digest.Digest(d)); n != 1 {
