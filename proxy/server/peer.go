@@ -40,8 +40,10 @@ type ClusterConfig struct {
 	// cluster.DefaultDownFor).
 	DownFor time.Duration
 	// ConnectTimeout bounds a connection to an owner (default 2 s); HeaderTimeout, the
-	// wait for its answer's headers (default 30 s: the owner answers once its origin
-	// does). Past either, the owner is marked down and the next in rank asked.
+	// wait for its answer's headers (default 20 s: the owner answers once its origin
+	// does, and cove-node waits 25 s for a healthy cache whose origin is slow, so a
+	// frozen owner is routed around before the node gives up on this replica). Past
+	// either, the owner is marked down and the next in rank asked.
 	ConnectTimeout, HeaderTimeout time.Duration
 	// Transport overrides the transport to peers (tests).
 	Transport http.RoundTripper
@@ -82,7 +84,7 @@ func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Du
 		transport = &http.Transport{
 			Proxy:                 nil, // replicas talk directly, never through an egress proxy
 			DialContext:           (&net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}).DialContext,
-			ResponseHeaderTimeout: cmp(cfg.HeaderTimeout, 30*time.Second),
+			ResponseHeaderTimeout: cmp(cfg.HeaderTimeout, 20*time.Second),
 			MaxIdleConnsPerHost:   64,
 			IdleConnTimeout:       90 * time.Second,
 			DisableCompression:    true, // blobs are compressed already; bytes must be the blob's
