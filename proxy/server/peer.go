@@ -80,11 +80,11 @@ func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Du
 	}
 	transport := cfg.Transport
 	if transport == nil {
-		connect := cmp(cfg.ConnectTimeout, 2*time.Second)
+		connect := orDefault(cfg.ConnectTimeout, 2*time.Second)
 		transport = &http.Transport{
 			Proxy:                 nil, // replicas talk directly, never through an egress proxy
 			DialContext:           (&net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}).DialContext,
-			ResponseHeaderTimeout: cmp(cfg.HeaderTimeout, 20*time.Second),
+			ResponseHeaderTimeout: orDefault(cfg.HeaderTimeout, 20*time.Second),
 			MaxIdleConnsPerHost:   64,
 			IdleConnTimeout:       90 * time.Second,
 			DisableCompression:    true, // blobs are compressed already; bytes must be the blob's
@@ -117,7 +117,7 @@ func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Du
 	return nil
 }
 
-func cmp(d, def time.Duration) time.Duration {
+func orDefault(d, def time.Duration) time.Duration {
 	if d > 0 {
 		return d
 	}
