@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/cove-oci/cove/proxy/cluster"
 	"github.com/cove-oci/cove/proxy/fill"
 	"github.com/cove-oci/cove/proxy/httpx"
@@ -64,11 +66,11 @@ type peering struct {
 
 func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Duration) error {
 	if cfg.Membership == nil {
-		return errors.New("server: cluster without membership")
+		return fmt.Errorf("server: %w: cluster without membership", errdefs.ErrInvalidArgument)
 	}
 	self, err := cluster.ParseMember(cfg.Self)
 	if err != nil {
-		return fmt.Errorf("server: cluster self: %w", err)
+		return fmt.Errorf("server: %w: cluster self: %w", errdefs.ErrInvalidArgument, err)
 	}
 	auth, err := cluster.NewPeerAuth(cfg.Secret)
 	if err != nil {
