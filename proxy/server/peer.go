@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sync"
@@ -177,7 +178,7 @@ func (s *Server) forwardMiss(w http.ResponseWriter, r *http.Request, req *route.
 	// The owner sees the canonical form (ns=, the origin's repository name) and the
 	// credential as the origin takes it, whatever form this client used: the owner's
 	// answers are the origin's own, which relay() adapts for this client (challenges).
-	uri := path + "?ns=" + req.Registry
+	uri := path + "?ns=" + url.QueryEscape(req.Registry)
 	originHeader := httpx.OriginRequestHeaders(r.Header)
 	fetch := p.fetchFunc(s, key, uri, path, originHeader)
 	s.serveFromFillVia(w, r, req, path, p.fills, fetch)
