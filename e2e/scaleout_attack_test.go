@@ -56,7 +56,7 @@ func TestScaleOutPeerPathAttacks(t *testing.T) {
 			asker = c
 		}
 	}
-	if got := getDigest(t, blobURL(asker, cached), alice); got != cached {
+	if got := blobDigestOf(t, blobURL(asker, cached), alice); got != cached {
 		t.Fatalf("alice's GET through a non-owner: %s", got)
 	}
 	waitObjects(t, ctx, m, []string{cached})
@@ -122,7 +122,7 @@ func TestScaleOutPeerPathAttacks(t *testing.T) {
 			t.Errorf("the origin sent the uncached blob (%d, %d bytes) to a request of the attacks", q.Status, q.Bytes)
 		}
 	}
-	if got := getDigest(t, blobURL(cr.Replicas[2], cached), alice); got != cached {
+	if got := blobDigestOf(t, blobURL(cr.Replicas[2], cached), alice); got != cached {
 		t.Fatalf("alice after the attacks: %s", got)
 	}
 	for _, c := range cr.Replicas {
@@ -178,7 +178,7 @@ func get(t *testing.T, u, auth string, extra http.Header) (int, http.Header, []b
 	return resp.StatusCode, resp.Header, body
 }
 
-func getDigest(t *testing.T, u, auth string) string {
+func blobDigestOf(t *testing.T, u, auth string) string {
 	t.Helper()
 	status, _, body := get(t, u, auth, nil)
 	if status != http.StatusOK {
