@@ -49,6 +49,7 @@ type registryConfig struct {
 	users       map[string]string
 	auth        string // an "auth:" stanza set by options in other files (WithTokenAuth)
 	validation  string // a "validation:" stanza (WithManifestURLs)
+	noDelete    bool   // storage.delete.enabled false (WithDeleteDisabled)
 }
 
 // WithHtpasswd makes the registry require HTTP basic authentication for user (it
@@ -82,6 +83,13 @@ func WithManifestURLs(allow ...string) RegistryOption {
 		}
 		c.validation = b.String()
 	}
+}
+
+// WithDeleteDisabled turns off the registry's content management (storage.delete.enabled
+// false, distribution's default): it answers every manifest or blob DELETE with 405
+// UNSUPPORTED. Without it, test registries allow deletes.
+func WithDeleteDisabled() RegistryOption {
+	return func(c *registryConfig) { c.noDelete = true }
 }
 
 // StartRegistry starts distribution v3 with filesystem storage on plain HTTP at
@@ -130,13 +138,13 @@ storage:
   filesystem:
     rootdirectory: %s
   delete:
-    enabled: true
+    enabled: %t
   maintenance:
     uploadpurging:
       enabled: false
 http:
   addr: %s
-`, filepath.Join(dir, "storage"), addr)
+`, filepath.Join(dir, "storage"), !cfg.noDelete, addr)
 	if cfg.proxyRemote != "" {
 		conf += fmt.Sprintf("proxy:\n  remoteurl: %s\n", cfg.proxyRemote)
 	}

@@ -256,6 +256,13 @@ func (a *Authorizer) NotFound(ctx context.Context, c Credential, o Object) {
 	}
 }
 
+// Forget records the origin's 202 to a DELETE of o: its repository no longer holds o.
+// The caller asks only on that answer, which the origin gives only to a credential it
+// lets delete there; a refused DELETE must not reach it.
+func (a *Authorizer) Forget(ctx context.Context, o Object) {
+	a.members.drop(ctx, o)
+}
+
 // Refused remembers the origin's 401 (its headers, the challenge) to c for o's
 // repository, as briefly as an allowance.
 func (a *Authorizer) Refused(c Credential, o Object, h http.Header) {

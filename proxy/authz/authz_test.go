@@ -230,3 +230,26 @@ func TestNewRefusesUnknownOfflinePolicy(t *testing.T) {
 		t.Fatal("accepted no record store")
 	}
 }
+
+// The origin's 202 to a DELETE ends the membership in that repository only: the same
+// digest in another repository stays servable there, and the deleting credential's
+// allowance is not touched (a delete is no proof of read access, nor of its absence).
+func TestForgetEndsOneMembership(t *testing.T) {
+	a, _ := newTest(t, Config{TTL: 10 * time.Second})
+	a.Learn(ctx, alice, objA)
+	a.Learn(ctx, bob, objB)
+	a.Forget(ctx, objA)
+	if a.IsMember(ctx, objA) {
+		t.Fatal("a forgotten object is still a member")
+	}
+	if !a.IsMember(ctx, objB) {
+		t.Fatal("forgetting team-a's copy ended team-b's")
+	}
+	asked := 0
+	if d := a.MayRead(ctx, alice, objA, counted(&asked, 404)); d.Verdict != Deny || asked != 1 {
+		t.Fatalf("alice's read of the forgotten object: %+v, origin asked %d times; want its 404", d, asked)
+	}
+	if d := a.MayRead(ctx, bob, objB, counted(&asked, 500)); d.Verdict != Allow || asked != 1 {
+		t.Fatalf("bob's read of his own copy: %+v", d)
+	}
+}

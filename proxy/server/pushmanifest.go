@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"strings"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -100,9 +99,7 @@ func (s *Server) forgetReferrers(req *route.Request, body []byte) {
 		s.referrers.dropSubject(req.Registry, req.Repository, m.Subject.Digest)
 	}
 	// A client updating the tag schema's index itself (origins without the API).
-	if alg, hex, ok := strings.Cut(req.Tag, "-"); ok {
-		if d := digest.NewDigestFromEncoded(digest.Algorithm(alg), hex); d.Validate() == nil {
-			s.referrers.dropSubject(req.Registry, req.Repository, d)
-		}
+	if d, ok := tagSchemaSubject(req.Tag); ok {
+		s.referrers.dropSubject(req.Registry, req.Repository, d)
 	}
 }

@@ -302,11 +302,16 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	push := req.Kind == route.KindUpload || req.Kind == route.KindManifest && r.Method == http.MethodPut
-	if !push && r.Method != http.MethodGet && r.Method != http.MethodHead {
+	del := r.Method == http.MethodDelete && (req.Kind == route.KindManifest || req.Kind == route.KindBlob)
+	if !push && !del && r.Method != http.MethodGet && r.Method != http.MethodHead {
 		s.metrics.Request(req.Kind.String(), metrics.ResultInvalid)
-		w.Header().Set("Allow", "GET, HEAD")
-		if req.Kind == route.KindManifest {
-			w.Header().Set("Allow", "GET, HEAD, PUT")
+		switch req.Kind {
+		case route.KindManifest:
+			w.Header().Set("Allow", "GET, HEAD, PUT, DELETE")
+		case route.KindBlob:
+			w.Header().Set("Allow", "GET, HEAD, DELETE")
+		default:
+			w.Header().Set("Allow", "GET, HEAD")
 		}
 		httpx.WriteError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "method not supported by cove-cache")
 		return
@@ -321,6 +326,10 @@ func (s *Server) serveDistribution(w http.ResponseWriter, r *http.Request) {
 	}
 	if push {
 		s.servePush(w, r, req)
+		return
+	}
+	if del {
+		s.serveDelete(w, r, req)
 		return
 	}
 	switch req.Kind {

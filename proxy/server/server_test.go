@@ -407,7 +407,9 @@ func TestInvalidRequests(t *testing.T) {
 		{"PATCH", "/v2/team/app/blobs/uploads/not.a.handle" + ns, 404, "BLOB_UPLOAD_UNKNOWN"},
 		{"PUT", "/v2/team/app/blobs/uploads/unknownhandle" + ns, 404, "BLOB_UPLOAD_UNKNOWN"},
 		{"HEAD", "/v2/team/app/blobs/uploads/unknownhandle" + ns, 405, ""},
-		{"DELETE", "/v2/team/app/manifests/v1" + ns, 405, "UNSUPPORTED"},
+		{"DELETE", "/v2/team/app/tags/list" + ns, 405, "UNSUPPORTED"},
+		{"DELETE", "/v2/team/app/blobs/sha256:1234" + ns, 400, "DIGEST_INVALID"},
+		{"DELETE", "/v2/team/app/manifests/.bad" + ns, 404, "MANIFEST_UNKNOWN"},
 		{"POST", "/v2/team/app/manifests/v1" + ns, 405, "UNSUPPORTED"},
 	} {
 		resp, body, err := do(t, tc.method, c.http.URL+tc.path, nil)

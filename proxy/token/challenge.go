@@ -47,7 +47,10 @@ func (b *Broker) WithClientChallenge(r *http.Request, req *route.Request) *http.
 	c := &clientChallenge{realm: b.Realm(r)}
 	if req.Kind != route.KindPing {
 		c.scope = "repository:" + req.Name + ":pull"
-		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		switch {
+		case r.Method == http.MethodDelete && req.Kind != route.KindUpload:
+			c.scope = "repository:" + req.Name + ":delete" // content management: what the origin asks for it
+		case r.Method != http.MethodGet && r.Method != http.MethodHead:
 			c.scope += ",push" // a push: the token must carry push for this repository
 		}
 	}
