@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net/http"
@@ -159,13 +158,10 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, req *route.
 		d := mount
 		if monolithic {
 			d = want
-			if sp != nil {
-				s.storeUploaded(r, req, sp, want)
-			}
 		}
 		location := ""
 		if d != "" { // a 201 naming no digest (neither a monolithic upload nor a mount) teaches nothing
-			s.learn(r.WithContext(context.WithoutCancel(ctx)), req, d)
+			s.commitBlob(r, req, sp, d)
 			location = objectLocation(req, "blobs", d)
 		}
 		s.metrics.Request("upload", metrics.ResultPassthrough)
@@ -227,7 +223,7 @@ func (s *Server) continueUpload(w http.ResponseWriter, r *http.Request, req *rou
 	case http.MethodPatch, http.MethodPut:
 		body, length = bodyOf(r)
 		if body != nil {
-			body = sess.spool.tee(body, chunkStart(r.Header.Get("Content-Range"), sess.spool.size))
+			body = sess.spool.tee(body, chunkStart(r.Header.Get("Content-Range"), sess.spool.end()))
 		}
 		if r.Method == http.MethodPut {
 			if want, complete = wantDigest(req.Query); complete {
@@ -250,8 +246,7 @@ func (s *Server) continueUpload(w http.ResponseWriter, r *http.Request, req *rou
 	switch {
 	case r.Method == http.MethodPut && status == http.StatusCreated:
 		if complete {
-			s.storeUploaded(r, req, sess.spool, want)
-			s.learn(r.WithContext(context.WithoutCancel(ctx)), req, want)
+			s.commitBlob(r, req, sess.spool, want)
 		}
 		s.uploads.close(sess)
 		s.metrics.Request("upload", metrics.ResultPassthrough)
@@ -270,7 +265,7 @@ func (s *Server) continueUpload(w http.ResponseWriter, r *http.Request, req *rou
 			}
 			sess.originPath, sess.originQuery = p, rq
 		}
-		if n, ok := rangeEnd(resp.Header.Get("Range")); ok && !(n == 1 && sess.spool.size == 0) {
+		if n, ok := rangeEnd(resp.Header.Get("Range")); ok && !(n == 1 && sess.spool.end() == 0) {
 			sess.spool.agree(n)
 		} else if r.Method == http.MethodPatch && !ok {
 			sess.spool.drop()

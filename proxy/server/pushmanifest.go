@@ -2,7 +2,6 @@ package server
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -37,13 +36,6 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, req *route.
 		httpx.WriteError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", "manifest over the 4 MiB limit")
 		return
 	}
-	// The blobs it lists that were just pushed are stored before the origin is told: once
-	// the push is done, its first pull is a hit.
-	var listedDigests []digest.Digest
-	for _, l := range listedObjects(manifestMediaType(body, r.Header.Get("Content-Type")), body) {
-		listedDigests = append(listedDigests, l.digest)
-	}
-	s.waitStored(ctx, req.Registry, listedDigests)
 	ref := req.Tag
 	if req.Digest != "" {
 		ref = req.Digest.String()
@@ -68,7 +60,7 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, req *route.
 	// Keep it only when the bytes are the digest the client and the origin name.
 	named := resp.Header.Get("Docker-Content-Digest")
 	if d.Validate() == nil && d.Algorithm().FromBytes(body) == d && (named == "" || named == d.String()) {
-		s.keepPushedManifest(r, req, d, body)
+		s.commitManifest(r, req, d, body)
 	} else {
 		s.log.Info("pushed manifest not kept: its bytes do not match the digest named", "registry", req.Registry, "repository", req.Repository)
 	}
@@ -76,9 +68,9 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, req *route.
 	relayPush(w, r, resp, objectLocation(req, "manifests", d))
 }
 
-// keepPushedManifest stores a manifest the origin accepted in req's repository.
+// keepPushedManifest stores a manifest the origin accepted in req's repository
+// (commitManifest runs it in the background, on a context of its own).
 func (s *Server) keepPushedManifest(r *http.Request, req *route.Request, d digest.Digest, body []byte) {
-	r = r.WithContext(context.WithoutCancel(r.Context()))
 	// The origin's 201 to this credential for d in this repository.
 	s.learn(r, req, d)
 	mediaType := manifestMediaType(body, r.Header.Get("Content-Type"))

@@ -9,103 +9,178 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/cove-oci/cove/proxy/authz"
 	"github.com/cove-oci/cove/proxy/fill"
 	"github.com/cove-oci/cove/proxy/route"
 	"github.com/cove-oci/cove/proxy/storage"
 )
 
-// Storing pushed blobs. The origin's 201 is relayed at once, and the verified spool file
-// is handed to storage (a rename after fsync on the filesystem backend, an upload on S3)
-// in the background, so the push does not wait for the cache's disk. A manifest PUT
-// waits for the blobs it lists that are still being stored, so that once a push of an
-// image has finished, its first pull is a hit.
+// Committing what a push taught. The origin's 201 is relayed at once; what follows it in
+// the cache (the membership the 201 teaches, the verified spool file handed to storage
+// with its fsyncs, a manifest's records) runs in the background, so a push waits for
+// neither the cache's disk nor its records: the origin holds the object, the cache's
+// copy is a copy. A request that could be served from that work waits for it instead
+// (hasBlob waits for the pending work on its digest), so the first pull after a push is
+// still a hit.
 
-// maxStoreWait bounds how long a manifest PUT waits for its blobs to be stored.
+// maxStoreWait bounds how long a read waits for a pushed object still being committed.
 const maxStoreWait = 30 * time.Second
 
 type pendingStores struct {
 	mu sync.Mutex
-	m  map[fill.Key]chan struct{}
+	m  map[fill.Key]*pendingStore
 }
 
-// storeUploaded stores a blob the origin accepted (its 201) when the spool holds exactly
-// the digest the client named: blob, then provenance, which makes it servable for this
-// registry. It runs on a context of its own: the client leaving does not undo it. A
-// failure costs a cache hit, never the push.
-func (s *Server) storeUploaded(r *http.Request, req *route.Request, sp *spool, want digest.Digest) {
-	path, size, ok := sp.finish(want)
-	if !ok {
-		s.log.Info("pushed blob not kept: the bytes sent do not match its digest, or the spool could not follow", "registry", req.Registry, "repository", req.Repository, "digest", want)
-		return
+// pendingStore is the background work on one digest of one registry: memberships being
+// learned (one task per push) and at most one copy being stored.
+type pendingStore struct {
+	tasks   int
+	storing bool
+	done    chan struct{} // closed when the last task ends
+}
+
+// begin registers a task on key. With store, it also claims the storing of the blob:
+// claimed is false when another task is storing it already.
+func (p *pendingStores) begin(key fill.Key, store bool) (claimed bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m == nil {
+		p.m = map[fill.Key]*pendingStore{}
+	}
+	e := p.m[key]
+	if e == nil {
+		e = &pendingStore{done: make(chan struct{})}
+		p.m[key] = e
+	}
+	e.tasks++
+	if store && !e.storing {
+		e.storing = true
+		return true
+	}
+	return false
+}
+
+// end ends a task begun on key.
+func (p *pendingStores) end(key fill.Key) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e := p.m[key]
+	e.tasks--
+	if e.tasks == 0 {
+		delete(p.m, key)
+		close(e.done)
+	}
+}
+
+// commitBlob follows the origin's 201 to a blob upload of want in req's repository: the
+// membership it teaches, for this credential, and, when the spool holds exactly want,
+// the blob stored (then provenance, which makes it servable for this registry). It runs
+// on a context of its own: the client leaving does not undo it. A store failure costs a
+// cache hit, never the push. sp may be nil (a mount, a POST without a body).
+func (s *Server) commitBlob(r *http.Request, req *route.Request, sp *spool, want digest.Digest) {
+	var path string
+	var size int64
+	ok := false
+	if sp != nil {
+		if path, size, ok = sp.finish(want); !ok {
+			s.log.Info("pushed blob not kept: the bytes sent do not match its digest, or the spool could not follow", "registry", req.Registry, "repository", req.Repository, "digest", want)
+		}
 	}
 	key := fill.Key{Registry: req.Registry, Digest: want}
-	done := make(chan struct{})
-	s.pending.mu.Lock()
-	if s.pending.m == nil {
-		s.pending.m = map[fill.Key]chan struct{}{}
-	}
-	if _, busy := s.pending.m[key]; busy {
-		s.pending.mu.Unlock()
+	if ok && !s.pending.begin(key, true) {
 		os.Remove(path) // the same blob is being stored for this registry already
-		return
+		ok = false
+	} else if !ok {
+		s.pending.begin(key, false)
 	}
-	s.pending.m[key] = done
-	s.pending.mu.Unlock()
+	cred := authz.CredentialOf(r.Header)
 	ctx := context.WithoutCancel(r.Context())
 	go func() {
-		defer func() {
-			s.pending.mu.Lock()
-			delete(s.pending.m, key)
-			s.pending.mu.Unlock()
-			close(done)
-		}()
-		var err error
-		if s.reserve != nil {
-			release, rerr := s.reserve(ctx, key, size)
-			if rerr != nil {
-				os.Remove(path)
-				s.log.Info("pushed blob not kept: no room in the store", "registry", req.Registry, "digest", want, "error", rerr)
-				return
-			}
-			defer func() { release(err == nil) }()
-		}
-		if ad, ok := s.store.(storage.FileAdopter); ok {
-			err = ad.AdoptFile(ctx, want, size, path)
-		} else {
-			var f *os.File
-			if f, err = os.Open(path); err == nil {
-				err = s.store.Put(ctx, want, size, f)
-				f.Close()
-			}
-			os.Remove(path)
-		}
-		if err == nil {
-			err = s.recordProvenance(ctx, req.Registry, want)
-		}
-		if err != nil {
-			s.log.Warn("storing a pushed blob failed", "registry", req.Registry, "digest", want, "error", err)
+		defer s.pending.end(key)
+		// The origin's 201 to this credential for want in this repository.
+		s.authz.Learn(ctx, cred, authz.Object{Registry: req.Registry, Repository: req.Repository, Digest: want})
+		if ok {
+			s.storePushedFile(ctx, req.Registry, want, size, path)
 		}
 	}()
 }
 
-// PendingStores is the number of pushed blobs still being stored (tests).
+// storePushedFile hands a verified spool file to storage; path is removed either way.
+func (s *Server) storePushedFile(ctx context.Context, registry string, d digest.Digest, size int64, path string) {
+	if n, err := s.store.Stat(ctx, d); err == nil && n == size {
+		// The store holds these bytes already (verified when stored, as the spool was
+		// now): nothing to write but this registry's provenance.
+		os.Remove(path)
+		if err := s.recordProvenance(ctx, registry, d); err != nil {
+			s.log.Warn("storing a pushed blob's provenance failed", "registry", registry, "digest", d, "error", err)
+		}
+		return
+	}
+	var err error
+	if s.reserve != nil {
+		release, rerr := s.reserve(ctx, fill.Key{Registry: registry, Digest: d}, size)
+		if rerr != nil {
+			os.Remove(path)
+			s.log.Info("pushed blob not kept: no room in the store", "registry", registry, "digest", d, "error", rerr)
+			return
+		}
+		defer func() { release(err == nil) }()
+	}
+	if ad, ok := s.store.(storage.FileAdopter); ok {
+		err = ad.AdoptFile(ctx, d, size, path)
+	} else {
+		var f *os.File
+		if f, err = os.Open(path); err == nil {
+			err = s.store.Put(ctx, d, size, f)
+			f.Close()
+		}
+		os.Remove(path)
+	}
+	if err == nil {
+		err = s.recordProvenance(ctx, registry, d)
+	}
+	if err != nil {
+		s.log.Warn("storing a pushed blob failed", "registry", registry, "digest", d, "error", err)
+	}
+}
+
+// commitManifest follows the origin's 201 to a manifest PUT of d (body verified against
+// it) in req's repository: the membership it teaches, the manifest stored, and a tag's
+// record, in the background like commitBlob.
+func (s *Server) commitManifest(r *http.Request, req *route.Request, d digest.Digest, body []byte) {
+	key := fill.Key{Registry: req.Registry, Digest: d}
+	s.pending.begin(key, false)
+	r = r.WithContext(context.WithoutCancel(r.Context()))
+	go func() {
+		defer s.pending.end(key)
+		s.keepPushedManifest(r, req, d, body)
+	}()
+}
+
+// PendingStores is the number of pushed objects whose commit is still running (tests).
 func (s *Server) PendingStores() int {
 	s.pending.mu.Lock()
 	defer s.pending.mu.Unlock()
 	return len(s.pending.m)
 }
 
-// waitStored waits (at most maxStoreWait, or until ctx ends) until none of digests is
-// still being stored for registry.
-func (s *Server) waitStored(ctx context.Context, registry string, digests []digest.Digest) {
-	timer := time.NewTimer(maxStoreWait)
-	defer timer.Stop()
+// waitStored waits (at most maxStoreWait, or until ctx ends) until no pushed object of
+// digests is still being committed for registry.
+func (s *Server) waitStored(ctx context.Context, registry string, digests ...digest.Digest) {
+	var timer *time.Timer
 	for _, d := range digests {
 		s.pending.mu.Lock()
-		done := s.pending.m[fill.Key{Registry: registry, Digest: d}]
+		var done chan struct{}
+		if e := s.pending.m[fill.Key{Registry: registry, Digest: d}]; e != nil {
+			done = e.done
+		}
 		s.pending.mu.Unlock()
 		if done == nil {
 			continue
+		}
+		if timer == nil {
+			timer = time.NewTimer(maxStoreWait)
+			defer timer.Stop()
 		}
 		select {
 		case <-done:

@@ -47,7 +47,10 @@ type tagRecord struct {
 }
 
 // hasBlob reports whether a verified blob fetched from registry is stored, and its size.
+// A pushed object still being committed is waited for: the first pull after a push is
+// a hit.
 func (s *Server) hasBlob(ctx context.Context, registry string, d digest.Digest) (int64, bool) {
+	s.waitStored(ctx, registry, d)
 	size, err := s.store.Stat(ctx, d)
 	if err != nil {
 		return 0, false

@@ -1,0 +1,117 @@
+package server
+
+import (
+	"bytes"
+	crand "crypto/rand"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"testing/iotest"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func spoolBytes(t *testing.T, n int) []byte {
+	b := make([]byte, n)
+	if _, err := crand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// forward reads body through the spool's tee as a transport would (small, uneven reads),
+// and returns what it read.
+func forward(t *testing.T, sp *spool, body []byte, offset int64) []byte {
+	t.Helper()
+	got, err := io.ReadAll(iotest.HalfReader(sp.tee(bytes.NewReader(body), offset)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sp.pause(); err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
+// Chunks of sizes around the writer's chunk size, over several requests, make one file
+// holding exactly the bytes forwarded, with their digest; a wrong digest keeps nothing.
+func TestPushSpoolKeepsWhatWasForwarded(t *testing.T) {
+	dir := t.TempDir()
+	blob := spoolBytes(t, 3*spoolBuffer+12345)
+	parts := [][]byte{blob[:1], blob[1 : spoolBuffer+1], blob[spoolBuffer+1 : 3*spoolBuffer], blob[3*spoolBuffer:]}
+
+	sp := newSpool(filepath.Join(dir, "ok"))
+	for _, p := range parts {
+		if got := forward(t, sp, p, sp.end()); !bytes.Equal(got, p) {
+			t.Fatal("the tee changed the bytes forwarded")
+		}
+	}
+	path, size, ok := sp.finish(digest.FromBytes(blob))
+	if !ok || size != int64(len(blob)) {
+		t.Fatalf("finish: ok %v size %d", ok, size)
+	}
+	if b, err := os.ReadFile(path); err != nil || !bytes.Equal(b, blob) {
+		t.Fatalf("the spool file does not hold the blob: %v", err)
+	}
+	sp.discard()
+	if _, err := os.Stat(path); err != nil {
+		t.Fatal("discard after finish removed the file handed over")
+	}
+
+	wrong := newSpool(filepath.Join(dir, "wrong"))
+	forward(t, wrong, blob, 0)
+	if _, _, ok := wrong.finish(digest.FromString("something else")); ok {
+		t.Fatal("a spool kept under a digest its bytes do not have")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "wrong")); !os.IsNotExist(err) {
+		t.Fatalf("a refused spool left its file: %v", err)
+	}
+}
+
+// A chunk that does not continue where the spool ends, and bytes a transport reads after
+// the request's end (they were forwarded, not kept), drop the spool; forwarding goes on.
+func TestPushSpoolDropsWhatItCannotFollow(t *testing.T) {
+	dir := t.TempDir()
+	blob := spoolBytes(t, 100000)
+
+	gap := newSpool(filepath.Join(dir, "gap"))
+	forward(t, gap, blob[:1000], 0)
+	if got := forward(t, gap, blob[2000:], 2000); !bytes.Equal(got, blob[2000:]) {
+		t.Fatal("a dropped spool changed what is forwarded")
+	}
+	if _, _, ok := gap.finish(digest.FromBytes(blob)); ok {
+		t.Fatal("a spool with a gap was kept")
+	}
+
+	late := newSpool(filepath.Join(dir, "late"))
+	r := late.tee(bytes.NewReader(blob), 0)
+	buf := make([]byte, 4096)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := late.pause(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(r); err != nil { // the straggler
+		t.Fatal(err)
+	}
+	if _, _, ok := late.finish(digest.FromBytes(blob)); ok {
+		t.Fatal("a spool read after its request ended was kept")
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("%d spool files left", len(ents))
+	}
+}
+
+// The empty blob is a spool of no bytes.
+func TestPushSpoolEmptyBlob(t *testing.T) {
+	sp := newSpool(filepath.Join(t.TempDir(), "empty"))
+	path, size, ok := sp.finish(digest.FromBytes(nil))
+	if !ok || size != 0 {
+		t.Fatalf("empty blob: ok %v size %d", ok, size)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Size() != 0 {
+		t.Fatalf("empty blob file: %v", err)
+	}
+}
