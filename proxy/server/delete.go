@@ -69,6 +69,9 @@ func (s *Server) forgetDeleted(ctx context.Context, req *route.Request) {
 	}
 	d := req.Digest
 	repo.Digest = d
+	// A push of d just answered is committed first: its membership must not come back
+	// after this.
+	s.waitStored(ctx, req.Registry, d)
 	s.authz.Forget(ctx, repo)
 	if req.Kind == route.KindManifest {
 		// Deleting a manifest removes the tags that name it, at the origin; and a referrer
