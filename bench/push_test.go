@@ -14,7 +14,10 @@ import (
 // through cove-cache, which writes every request through to the origin and keeps the
 // blobs on the way (spooled, verified, stored), against the same push straight to the
 // origin. Each run pushes to a repository of its own, so every blob is uploaded again
-// (crane checks blobs per repository). cove-cache routes crane's pushes to the origin as
+// (crane checks blobs per repository); neither side rewrites a blob it holds already
+// (the origin keeps its copy, cove-cache records provenance only), and what cove-cache
+// commits in the background after a push is small and flushed by quiesce's sync before
+// the next timed push. cove-cache routes crane's pushes to the origin as
 // its --default-registry (a path element cannot carry the origin's port); crane logs in
 // through cove-cache's token endpoint, anonymous. Target: ratio <= 1.10.
 func BenchmarkPush(b *testing.B) {
