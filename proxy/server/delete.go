@@ -3,11 +3,11 @@ package server
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/cove-oci/cove/proxy/authz"
 	"github.com/cove-oci/cove/proxy/metrics"
@@ -36,6 +36,11 @@ func (s *Server) serveDelete(w http.ResponseWriter, r *http.Request, req *route.
 	default:
 		path = "/v2/" + req.Repository + "/blobs/" + req.Digest.String()
 	}
+	// A referrer's subject, read before the manifest is gone.
+	var subject digest.Digest
+	if req.Kind == route.KindManifest && req.Digest != "" {
+		subject, _ = s.manifestSubject(r.Context(), r, req, req.Digest)
+	}
 	resp, err := s.origin.Send(r.Context(), http.MethodDelete, req.Registry, path, "", r.Header, nil, nil, 0)
 	if err != nil {
 		s.originUnavailable(w, req, op, err)
@@ -45,7 +50,12 @@ func (s *Server) serveDelete(w http.ResponseWriter, r *http.Request, req *route.
 	// A 401 is not remembered as a refusal to read: a credential may read what it may not
 	// delete, and its reads must not get this challenge back.
 	if resp.StatusCode == http.StatusAccepted {
-		s.forgetDeleted(context.WithoutCancel(r.Context()), req)
+		ctx := context.WithoutCancel(r.Context())
+		s.forgetDeleted(ctx, req)
+		if subject != "" {
+			s.referrers.dropSubject(req.Registry, req.Repository, subject)
+			s.unlistReferrer(ctx, r, req, subject, req.Digest)
+		}
 		s.metrics.Request(op, metrics.ResultPassthrough)
 	} else {
 		s.metrics.Request(op, metrics.ResultForStatus(resp.StatusCode))
@@ -77,9 +87,6 @@ func (s *Server) forgetDeleted(ctx context.Context, req *route.Request) {
 		// Deleting a manifest removes the tags that name it, at the origin; and a referrer
 		// leaves its subject's list.
 		s.forgetTagsOf(ctx, req.Registry, req.Repository, d)
-		if subject, ok := s.storedSubject(ctx, req.Registry, d); ok {
-			s.referrers.dropSubject(req.Registry, req.Repository, subject)
-		}
 	}
 	s.log.Info("deleted at the origin: membership forgotten", "registry", req.Registry, "repository", req.Repository, "kind", req.Kind.String(), "digest", d)
 }
@@ -131,11 +138,11 @@ func (s *Server) storedSubject(ctx context.Context, registry string, d digest.Di
 		return "", false
 	}
 	defer b.Close()
-	var m ocispec.Manifest // an index's subject has the same field
-	if err := json.NewDecoder(b).Decode(&m); err != nil || m.Subject == nil || m.Subject.Digest.Validate() != nil {
+	body, err := io.ReadAll(io.LimitReader(b, maxManifestSize))
+	if err != nil {
 		return "", false
 	}
-	return m.Subject.Digest, true
+	return subjectOf(body)
 }
 
 // tagSchemaSubject reads a referrers tag-schema tag (<alg>-<hex>): the subject whose list

@@ -226,30 +226,3 @@ func TestAttackDeleteOtherTenant(t *testing.T) {
 		t.Fatalf("A's manifest after the admin's delete: %v %d", err, resp.StatusCode)
 	}
 }
-
-// A referrer deleted through the cache leaves its subject's referrers list at once: the
-// list, kept here for an hour, is asked of the origin again after the origin's 202.
-func TestDeleteReferrerEndsItsSubjectsList(t *testing.T) {
-	o := peers.StartRegistry(t)
-	img := peers.PushRandomImage(t, o.Addr, "team/app:v1", 1, 1024)
-	sig := attach(t, "", "", o.Addr+"/team/app@"+img.Digest, sigType)
-	c := newCacheWith(t, func(cfg *server.Config) { cfg.ReferrersTTL = time.Hour }, o.Addr)
-	if got := referrerSet(first(referrersOf(t, c, o.Addr, "team/app", img.Digest, "", nil))); len(got) != 1 || got[sig] != sigType {
-		t.Fatalf("referrers = %v", got)
-	}
-	mustGet(t, c.url(o.Addr, "/v2/team/app/manifests/"+sig), acceptHeader, 200) // the referrer, kept
-	schemaTag := "/manifests/sha256-"
-	before := originRequests(o, schemaTag)
-	referrersOf(t, c, o.Addr, "team/app", img.Digest, "", nil)
-	if n := originRequests(o, schemaTag) - before; n != 0 {
-		t.Fatalf("a kept referrers list asked the origin %d times", n)
-	}
-	resp, body := send(t, http.MethodDelete, c.url(o.Addr, "/v2/team/app/manifests/"+sig), nil, nil)
-	expect(t, "DELETE referrer", resp, body, http.StatusAccepted)
-	referrersOf(t, c, o.Addr, "team/app", img.Digest, "", nil)
-	if n := originRequests(o, schemaTag) - before; n == 0 {
-		t.Fatal("after its referrer's delete, the subject's list was served from memory")
-	}
-}
-
-func first[A, B any](a A, _ B) A { return a }
