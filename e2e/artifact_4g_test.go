@@ -43,8 +43,9 @@ const rssBound = 512 << 20
 
 // A 4 GiB artifact (pushed to the origin with oras-go, its layer streamed from a
 // generator) is pulled through a cold cove-cache by two clients at once, and the origin
-// connection drops halfway through the fill (CutProxy). cove-cache resumes the fill with
-// one ranged GET: the origin sends the blob once, both clients read the pushed bytes to
+// connection of the fill's first GET drops mid-body (CutProxy). cove-cache fetches the
+// blob in parallel ranges and resumes the one cut with a ranged GET: the origin sends the
+// blob once, both clients read the pushed bytes to
 // the end, the stored blob verifies, and cove-cache's peak RSS stays bounded.
 func TestArtifact4GTwoClientsOneResumedFill(t *testing.T) {
 	size := artifactMiB(t) << 20
@@ -55,9 +56,11 @@ func TestArtifact4GTwoClientsOneResumedFill(t *testing.T) {
 	a := pushModelArtifact(t, ctx, origin.Addr, "ml/big", "v1", size, 4)
 	t.Logf("pushed a %d MiB artifact to the origin in %v", size>>20, time.Since(start).Round(time.Millisecond))
 
-	// CutProxy counts bytes per request: should fills come to be made of ranged GETs
-	// smaller than half the blob by default, the cut must move inside one of them.
-	cut := peers.StartCutProxy(t, origin.Addr, size/2)
+	// CutProxy cuts the first blob GET after this many bytes. cove-cache fetches a blob
+	// this large in parallel ranges (--fill-parallel 4 of --fill-range-size 16MiB), and
+	// the first GET serves the first range: the cut falls inside it, and that range is
+	// resumed with a ranged GET.
+	cut := peers.StartCutProxy(t, origin.Addr, min(size/2, 8<<20+12345))
 	from := len(origin.Requests())
 	cove := peers.StartCove(t, "", "--origin-plain-http", cut.Addr)
 
