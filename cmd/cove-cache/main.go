@@ -85,6 +85,7 @@ type options struct {
 	bound           boundOptions
 	fill            fillOptions
 	peer            peerOptions
+	drain           drainOptions
 	config          string
 }
 
@@ -124,6 +125,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	o.bound.register(fs)
 	o.fill.register(fs)
 	o.peer.register(fs)
+	o.drain.register(fs)
 	fs.StringVar(&o.config, "config", "", "read settings from this TOML `FILE`: its keys are these flags with _ for - (storage_max_size = \"500GiB\", pin = [\"...\"]); flags on the command line win")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -155,6 +157,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		return nil, err
 	}
 	if err := o.peer.validate(o.s3.endpoint != "", o.bound.maxSize != ""); err != nil {
+		return nil, err
+	}
+	if err := o.drain.validate(); err != nil {
 		return nil, err
 	}
 	for i, h := range o.plainHTTP {
@@ -299,7 +304,12 @@ func serve(args []string, stderr io.Writer) int {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	// Membership runs until the process ends, the drain included: a draining replica
+	// still routes the misses it serves to their owners.
+	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	if clusterCfg != nil {
 		go func() {
@@ -325,17 +335,15 @@ func serve(args []string, stderr io.Writer) int {
 		attrs = append(attrs, "advertise_url", clusterCfg.Self, "peers", clusterCfg.Membership.Members())
 	}
 	log.Info("cove-cache serving", attrs...)
+	var first os.Signal
 	select {
 	case err := <-errc:
 		log.Error("server stopped", "error", err)
 		return 1
-	case <-ctx.Done():
+	case first = <-sigs:
 	}
-	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	if err := hs.Shutdown(sctx); err != nil {
-		log.Warn("shutdown incomplete", "error", err)
+	if !drain(hs, srv, o.drain, first, sigs, errc, log) {
+		return 1
 	}
 	return 0
 }

@@ -101,7 +101,7 @@ func (c *Cove) start(t testing.TB) {
 	t.Helper()
 	c.proc, c.Addr, c.LogPath = startOnFreePort(t, "cove-cache", "cove-cache", 10*time.Second, readyClient, "http",
 		"/readyz", func(addr string) []string {
-			return append([]string{"serve", "--addr", addr, "--storage-dir", c.StorageDir}, c.args...)
+			return append([]string{"serve", "--addr", addr, "--storage-dir", c.StorageDir, noDrain}, c.args...)
 		})
 	c.URL = "http://" + c.Addr
 }

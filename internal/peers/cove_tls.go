@@ -25,7 +25,7 @@ func StartCoveTLS(t testing.TB, storageDir, certFile, keyFile string, roots *x50
 	c := &Cove{StorageDir: storageDir, args: append([]string{"--tls-cert", certFile, "--tls-key", keyFile}, extra...)}
 	c.proc, c.Addr, c.LogPath = startOnFreePort(t, "cove-cache", "cove-cache-tls", 10*time.Second, client, "https",
 		"/readyz", func(addr string) []string {
-			return append([]string{"serve", "--addr", addr, "--storage-dir", c.StorageDir}, c.args...)
+			return append([]string{"serve", "--addr", addr, "--storage-dir", c.StorageDir, noDrain}, c.args...)
 		})
 	c.URL = "https://" + c.Addr
 	t.Cleanup(c.Stop)

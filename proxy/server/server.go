@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -112,6 +113,7 @@ type Server struct {
 	listedChecks chan struct{} // slots for checkListed
 	log          *slog.Logger
 	mux          *http.ServeMux
+	draining     atomic.Pointer[drainState] // set once by Drain (drain.go)
 }
 
 // New builds a Server.
@@ -263,6 +265,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // hits and passes fills through, which is better than no replica; the condition is for
 // people and alerts (cove_store_degraded), not for taking the replica out of service.
 func (s *Server) serveReady(w http.ResponseWriter, r *http.Request) {
+	if s.serveDraining(w) {
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if _, err := s.store.GetRecord(ctx, "readyz-probe"); err != nil && !isNotFound(err) {
