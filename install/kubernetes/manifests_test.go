@@ -173,7 +173,9 @@ func TestManifestCacheWiring(t *testing.T) {
 }
 
 // metaSelector is a Service's selector as a label selector.
-func metaSelector(m map[string]string) *metav1.LabelSelector { return &metav1.LabelSelector{MatchLabels: m} }
+func metaSelector(m map[string]string) *metav1.LabelSelector {
+	return &metav1.LabelSelector{MatchLabels: m}
+}
 
 func itoa(n int32) string { return strconv.Itoa(int(n)) }
 

@@ -1,0 +1,226 @@
+package kubernetes_test
+
+import (
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	rbacv1 "k8s.io/api/rbac/v1"
+)
+
+// apiCall is one Kubernetes API use found in cove's code.
+type apiCall struct {
+	group, resource string
+	verbs           []string // empty when the code does not show them (a client kept in a variable)
+	at              string   // file:line
+}
+
+// groupOf maps client-go's group accessors (CoreV1, Discovery().V1()) to API groups.
+var groupOf = map[string]string{
+	"Core": "", "Discovery": "discovery.k8s.io", "Coordination": "coordination.k8s.io",
+	"Apps": "apps", "Rbac": "rbac.authorization.k8s.io", "Events": "events.k8s.io", "Policy": "policy",
+}
+
+var (
+	typedGroup   = regexp.MustCompile(`^([A-Z][a-z]+)V[0-9]+((alpha|beta)[0-9]+)?$`) // cs.DiscoveryV1()
+	informerVers = regexp.MustCompile(`^V[0-9]+((alpha|beta)[0-9]+)?$`)              // f.Discovery().V1()
+	verbs        = map[string]string{"Get": "get", "List": "list", "Watch": "watch", "Create": "create", "Update": "update",
+		"UpdateStatus": "update", "Patch": "patch", "Apply": "patch", "Delete": "delete", "DeleteCollection": "deletecollection"}
+)
+
+// scanAPICalls finds the typed clientset and informer calls in one Go source.
+func scanAPICalls(t *testing.T, fset *token.FileSet, name string, src []byte) []apiCall {
+	t.Helper()
+	f, err := parser.ParseFile(fset, name, src, 0)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	var calls []apiCall
+	var stack []ast.Node
+	ast.Inspect(f, func(n ast.Node) bool {
+		if n == nil {
+			stack = stack[:len(stack)-1]
+			return true
+		}
+		stack = append(stack, n)
+		sel, ok := n.(*ast.SelectorExpr)
+		if !ok {
+			return true
+		}
+		group, informer := "", false
+		if m := typedGroup.FindStringSubmatch(sel.Sel.Name); m != nil {
+			group = m[1]
+		} else if informerVers.MatchString(sel.Sel.Name) {
+			inner, ok := sel.X.(*ast.CallExpr)
+			if !ok {
+				return true
+			}
+			gsel, ok := inner.Fun.(*ast.SelectorExpr)
+			if !ok {
+				return true
+			}
+			group, informer = gsel.Sel.Name, true
+		} else {
+			return true
+		}
+		// stack: ... resourceSel? <- call(group) <- sel. Walk up: call, then the resource selector.
+		chain := selectorChain(stack)
+		if len(chain) < 1 {
+			return true
+		}
+		apiGroup, known := groupOf[group]
+		call := apiCall{resource: strings.ToLower(chain[0]), at: fset.Position(sel.Pos()).String()}
+		if !known {
+			call.group = "?" + group
+		} else {
+			call.group = apiGroup
+		}
+		switch {
+		case chain[0] == "RESTClient":
+			return true // a raw REST client: not followed here (none in cove today)
+		case informer:
+			call.verbs = []string{"list", "watch"}
+		case len(chain) > 1 && verbs[chain[1]] != "":
+			call.verbs = []string{verbs[chain[1]]}
+		}
+		calls = append(calls, call)
+		return true
+	})
+	return calls
+}
+
+// selectorChain returns the method names called on the result of the selector at the
+// top of stack: for cs.DiscoveryV1().EndpointSlices(ns).List(...), ["EndpointSlices", "List"].
+func selectorChain(stack []ast.Node) []string {
+	var names []string
+	for i := len(stack) - 2; i >= 1; i -= 2 {
+		call, ok := stack[i].(*ast.CallExpr)
+		if !ok || call.Fun != stack[i+1] {
+			break
+		}
+		sel, ok := stack[i-1].(*ast.SelectorExpr)
+		if !ok || sel.X != call {
+			break
+		}
+		names = append(names, sel.Sel.Name)
+	}
+	return names
+}
+
+// codeAPICalls scans every non-test Go file of the module.
+func codeAPICalls(t *testing.T) []apiCall {
+	t.Helper()
+	fset := token.NewFileSet()
+	var calls []apiCall
+	root := repoRoot()
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (strings.HasPrefix(d.Name(), ".") || d.Name() == "testdata" || d.Name() == "vendor") && path != root {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return nil
+		}
+		src, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, path)
+		calls = append(calls, scanAPICalls(t, fset, rel, src)...)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return calls
+}
+
+// allows reports whether rules grant verb on group/resource.
+func allows(rules []rbacv1.PolicyRule, group, resource, verb string) bool {
+	for _, r := range rules {
+		if len(r.ResourceNames) == 0 && slices.Contains(r.APIGroups, group) && slices.Contains(r.Resources, resource) && slices.Contains(r.Verbs, verb) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestManifestRBACLeastPrivilege: cove-cache's Role grants get, list and watch on
+// EndpointSlices and nothing else, no cluster-wide role is made, and every API call in
+// cove's code is covered by it.
+func TestManifestRBACLeastPrivilege(t *testing.T) {
+	b := build(t, dir())
+	for k := range b.typed {
+		if strings.HasPrefix(k, "ClusterRole") {
+			t.Errorf("%s: cove needs no cluster-wide permission", k)
+		}
+	}
+	var roles []string
+	for k := range b.typed {
+		if strings.HasPrefix(k, "Role/") {
+			roles = append(roles, k)
+		}
+	}
+	if len(roles) != 1 {
+		t.Fatalf("Roles %v, want one", roles)
+	}
+	role := get[*rbacv1.Role](t, b, "Role", namespace, "cove-cache-peers")
+	want := []rbacv1.PolicyRule{{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"get", "list", "watch"}}}
+	if len(role.Rules) != 1 || !slices.Equal(role.Rules[0].APIGroups, want[0].APIGroups) ||
+		!slices.Equal(role.Rules[0].Resources, want[0].Resources) || !slices.Equal(role.Rules[0].Verbs, want[0].Verbs) ||
+		len(role.Rules[0].ResourceNames) != 0 || len(role.Rules[0].NonResourceURLs) != 0 {
+		t.Errorf("Role rules %+v, want exactly %+v", role.Rules, want)
+	}
+	calls := codeAPICalls(t)
+	t.Logf("Kubernetes API calls in cove's code: %+v", calls)
+	for _, c := range calls {
+		if strings.HasPrefix(c.group, "?") {
+			t.Errorf("%s: unknown API group accessor %s: add it to groupOf", c.at, c.group[1:])
+			continue
+		}
+		vs := c.verbs
+		if len(vs) == 0 {
+			vs = []string{"get"} // the resource at least; its verbs are not visible here
+		}
+		for _, v := range vs {
+			if !allows(role.Rules, c.group, c.resource, v) {
+				t.Errorf("%s: the code may %s %s.%s, which the Role does not grant", c.at, v, c.resource, c.group)
+			}
+		}
+	}
+}
+
+// TestManifestRBACScanFindsCalls: the attack on the scan: typed and informer calls, a
+// Lease update included, are all found with their verbs.
+func TestManifestRBACScanFindsCalls(t *testing.T) {
+	src := []byte(`package x
+func f() {
+	cs.DiscoveryV1().EndpointSlices(ns).List(ctx, opts)
+	inf := factory.Discovery().V1().EndpointSlices().Informer()
+	cs.CoordinationV1().Leases(ns).Update(ctx, l, o)
+	c := cs.CoreV1().Services(ns)
+}`)
+	got := scanAPICalls(t, token.NewFileSet(), "x.go", src)
+	want := []string{"discovery.k8s.io endpointslices [list]", "discovery.k8s.io endpointslices [list watch]",
+		"coordination.k8s.io leases [update]", " services []"}
+	var have []string
+	for _, c := range got {
+		have = append(have, c.group+" "+c.resource+" "+"["+strings.Join(c.verbs, " ")+"]")
+	}
+	if !slices.Equal(have, want) {
+		t.Fatalf("scan found %q, want %q", have, want)
+	}
+	rules := []rbacv1.PolicyRule{{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"get", "list", "watch"}}}
+	if allows(rules, "coordination.k8s.io", "leases", "update") || !allows(rules, "discovery.k8s.io", "endpointslices", "watch") {
+		t.Fatal("allows is wrong")
+	}
+}
