@@ -79,8 +79,9 @@ type Cove struct {
 	StorageDir string
 	LogPath    string
 
-	args []string
-	proc *proc
+	args     []string
+	proc     *proc
+	restarts int // StartAgain's count, for its log names
 }
 
 // StartCove runs cove-cache serve on a free loopback port over storageDir (a new temp dir

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -36,4 +38,25 @@ func (c *Cove) WaitExit(timeout time.Duration) (int, error) {
 		return -1, err
 	}
 	return 0, nil
+}
+
+// StartAgain starts cove-cache again after it exited, on the same address, storage
+// directory and flags: a replaced pod behind an address clients keep using (a Service).
+func (c *Cove) StartAgain(t testing.TB) {
+	t.Helper()
+	if done, _ := c.proc.exited(); !done {
+		t.Fatal("peers: StartAgain: cove-cache is still running")
+	}
+	c.restarts++
+	logPath := filepath.Join(filepath.Dir(c.LogPath), fmt.Sprintf("cove-cache-again-%d.log", c.restarts))
+	args := append([]string{"serve", "--addr", c.Addr, "--storage-dir", c.StorageDir, noDrain}, c.args...)
+	p, err := startProc("cove-cache", CoveBinary(t, "cove-cache"), args, cleanEnv(), logPath, logPath, 10*time.Second)
+	if err != nil {
+		t.Fatalf("peers: start cove-cache: %v", err)
+	}
+	if err := waitReady(p, readyClient, c.URL+"/readyz", 10*time.Second, false); err != nil {
+		p.stop()
+		t.Fatalf("peers: cove-cache did not become ready again on %s: %v\n%s", c.Addr, err, logTail(logPath, 30))
+	}
+	c.proc, c.LogPath = p, logPath
 }
