@@ -44,18 +44,29 @@ type commandLine struct {
 	argv  []string // command then args
 }
 
-// commandLines gathers every cove invocation: containers, init containers and exec hooks.
+// commandLines gathers every cove invocation: containers, init containers, exec hooks
+// and exec probes (other programs, such as sleep, are left out).
 func commandLines(b *built, t *testing.T) []commandLine {
 	var out []commandLine
 	add := func(kind, name string, pod corev1.PodSpec) {
 		for _, c := range append(slices.Clone(pod.InitContainers), pod.Containers...) {
 			where := fmt.Sprintf("%s %s, container %s", kind, name, c.Name)
-			out = append(out, commandLine{where, append(slices.Clone(c.Command), c.Args...)})
+			lines := []commandLine{{where, append(slices.Clone(c.Command), c.Args...)}}
 			if c.Lifecycle != nil {
 				for hook, h := range map[string]*corev1.LifecycleHandler{"preStop": c.Lifecycle.PreStop, "postStart": c.Lifecycle.PostStart} {
 					if h != nil && h.Exec != nil {
-						out = append(out, commandLine{where + " " + hook, h.Exec.Command})
+						lines = append(lines, commandLine{where + " " + hook, h.Exec.Command})
 					}
+				}
+			}
+			for probe, p := range map[string]*corev1.Probe{"readiness": c.ReadinessProbe, "liveness": c.LivenessProbe, "startup": c.StartupProbe} {
+				if p != nil && p.Exec != nil {
+					lines = append(lines, commandLine{where + " " + probe + " probe", p.Exec.Command})
+				}
+			}
+			for _, l := range lines {
+				if len(l.argv) > 0 && strings.HasPrefix(filepath.Base(l.argv[0]), "cove-") {
+					out = append(out, l)
 				}
 			}
 		}
@@ -73,7 +84,7 @@ func TestManifestFlagsExist(t *testing.T) {
 	b := build(t, dir())
 	lines := commandLines(b, t)
 	if len(lines) < 4 {
-		t.Fatalf("found %d cove command lines, want cove-cache serve, cove-node install, serve and uninstall", len(lines))
+		t.Fatalf("found %d cove command lines, want cove-cache serve, cove-node install, doctor and uninstall", len(lines))
 	}
 	seen := map[string]bool{}
 	for _, cl := range lines {
@@ -107,7 +118,7 @@ func TestManifestFlagsExist(t *testing.T) {
 			}
 		}
 	}
-	for _, want := range []string{"cove-cache serve", "cove-node install", "cove-node serve", "cove-node uninstall"} {
+	for _, want := range []string{"cove-cache serve", "cove-node install", "cove-node doctor", "cove-node uninstall"} {
 		if !seen[want] {
 			t.Errorf("the manifests never run %s", want)
 		}
