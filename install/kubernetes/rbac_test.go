@@ -4,8 +4,8 @@ import (
 	"go/ast"
 	"go/parser"
 	"go/token"
-	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -43,6 +43,15 @@ func scanAPICalls(t *testing.T, fset *token.FileSet, name string, src []byte) []
 		t.Fatalf("%s: %v", name, err)
 	}
 	var calls []apiCall
+	imports := map[string]string{} // package name in this file -> import path
+	for _, im := range f.Imports {
+		path := strings.Trim(im.Path.Value, `"`)
+		name := filepath.Base(path)
+		if im.Name != nil {
+			name = im.Name.Name
+		}
+		imports[name] = path
+	}
 	var stack []ast.Node
 	ast.Inspect(f, func(n ast.Node) bool {
 		if n == nil {
@@ -52,6 +61,11 @@ func scanAPICalls(t *testing.T, fset *token.FileSet, name string, src []byte) []
 		stack = append(stack, n)
 		sel, ok := n.(*ast.SelectorExpr)
 		if !ok {
+			return true
+		}
+		if c, ok := informerConstructor(sel, imports); ok {
+			c.at = fset.Position(sel.Pos()).String()
+			calls = append(calls, c)
 			return true
 		}
 		group, informer := "", false
@@ -96,6 +110,34 @@ func scanAPICalls(t *testing.T, fset *token.FileSet, name string, src []byte) []
 	return calls
 }
 
+// informerConstructor recognises client-go's informers/<group>/<version>.New[Filtered]<Kind>Informer,
+// which lists and watches the kind.
+func informerConstructor(sel *ast.SelectorExpr, imports map[string]string) (apiCall, bool) {
+	pkg, ok := sel.X.(*ast.Ident)
+	if !ok {
+		return apiCall{}, false
+	}
+	m := informerPath.FindStringSubmatch(imports[pkg.Name])
+	k := informerFunc.FindStringSubmatch(sel.Sel.Name)
+	if m == nil || k == nil {
+		return apiCall{}, false
+	}
+	group, known := groupOf[strings.ToUpper(m[1][:1])+m[1][1:]]
+	if !known {
+		group = "?" + m[1]
+	}
+	resource := strings.ToLower(k[2])
+	if !strings.HasSuffix(resource, "s") {
+		resource += "s"
+	}
+	return apiCall{group: group, resource: resource, verbs: []string{"list", "watch"}}, true
+}
+
+var (
+	informerPath = regexp.MustCompile(`^k8s\.io/client-go/informers/([a-z]+)/v[0-9a-z]+$`)
+	informerFunc = regexp.MustCompile(`^New(Filtered)?([A-Z][A-Za-z]+)Informer$`)
+)
+
 // selectorChain returns the method names called on the result of the selector at the
 // top of stack: for cs.DiscoveryV1().EndpointSlices(ns).List(...), ["EndpointSlices", "List"].
 func selectorChain(stack []ast.Node) []string {
@@ -114,32 +156,40 @@ func selectorChain(stack []ast.Node) []string {
 	return names
 }
 
-// codeAPICalls scans every non-test Go file of the module.
+// codeAPICalls scans the Go files of every package of this module that the cove-cache
+// and cove-node binaries are built from (test helpers such as internal/peers, which set
+// up a test's API server, are not).
 func codeAPICalls(t *testing.T) []apiCall {
 	t.Helper()
+	cmd := exec.Command("go", "list", "-deps", "-f",
+		`{{with .Module}}{{if eq .Path "github.com/cove-oci/cove"}}{{$.Dir}}{{range $.GoFiles}} {{.}}{{end}}{{"\n"}}{{end}}{{end}}`,
+		"./cmd/cove-cache", "./cmd/cove-node")
+	cmd.Dir = repoRoot()
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
 	fset := token.NewFileSet()
 	var calls []apiCall
-	root := repoRoot()
-	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
+	packages := 0
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		fields := strings.Fields(line)
+		if len(fields) == 0 {
+			continue
 		}
-		if d.IsDir() && (strings.HasPrefix(d.Name(), ".") || d.Name() == "testdata" || d.Name() == "vendor") && path != root {
-			return filepath.SkipDir
+		packages++
+		for _, name := range fields[1:] {
+			path := filepath.Join(fields[0], name)
+			src, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rel, _ := filepath.Rel(repoRoot(), path)
+			calls = append(calls, scanAPICalls(t, fset, rel, src)...)
 		}
-		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
-			return nil
-		}
-		src, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, path)
-		calls = append(calls, scanAPICalls(t, fset, rel, src)...)
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
+	}
+	if packages < 10 {
+		t.Fatalf("go list found %d of cove's packages in the binaries: %s", packages, out)
 	}
 	return calls
 }
@@ -203,15 +253,17 @@ func TestManifestRBACLeastPrivilege(t *testing.T) {
 // Lease update included, are all found with their verbs.
 func TestManifestRBACScanFindsCalls(t *testing.T) {
 	src := []byte(`package x
+import discoveryinformers "k8s.io/client-go/informers/discovery/v1"
 func f() {
 	cs.DiscoveryV1().EndpointSlices(ns).List(ctx, opts)
 	inf := factory.Discovery().V1().EndpointSlices().Informer()
 	cs.CoordinationV1().Leases(ns).Update(ctx, l, o)
 	c := cs.CoreV1().Services(ns)
+	i := discoveryinformers.NewFilteredEndpointSliceInformer(cs, ns, 0, nil, nil)
 }`)
 	got := scanAPICalls(t, token.NewFileSet(), "x.go", src)
 	want := []string{"discovery.k8s.io endpointslices [list]", "discovery.k8s.io endpointslices [list watch]",
-		"coordination.k8s.io leases [update]", " services []"}
+		"coordination.k8s.io leases [update]", " services []", "discovery.k8s.io endpointslices [list watch]"}
 	var have []string
 	for _, c := range got {
 		have = append(have, c.group+" "+c.resource+" "+"["+strings.Join(c.verbs, " ")+"]")
