@@ -9,6 +9,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
 )
 
 // TestManifestNodeWiring: the cove-node DaemonSet installs through `cove-node install`
@@ -66,6 +67,13 @@ func TestManifestNodeWiring(t *testing.T) {
 			t.Errorf("install --cache=%s, want %s (the Service's cluster IP and port %s, as the kubelet sets them)", caches[0], want, p.Name)
 		}
 	}
+	objs, err := buildYAML(dir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if svcAt, dsAt := objectIndex(t, objs, "Service", svc.Name), objectIndex(t, objs, "DaemonSet", ds.Name); svcAt > dsAt {
+		t.Errorf("the build applies the DaemonSet (object %d) before the Service (object %d) its pods read the address of", dsAt, svcAt)
+	}
 	if pod.EnableServiceLinks != nil && !*pod.EnableServiceLinks {
 		t.Error("enableServiceLinks is off: $(" + envName + "_SERVICE_HOST) would not be set")
 	}
@@ -118,4 +126,26 @@ func mountsHostRoot(pod corev1.PodSpec, c corev1.Container, hostRoot string) boo
 		}
 	}
 	return false
+}
+
+// objectIndex is the position of kind/name in the build's output, the order kubectl
+// applies it in.
+func objectIndex(t *testing.T, objs [][]byte, kind, name string) int {
+	t.Helper()
+	for i, y := range objs {
+		var meta struct {
+			Kind     string `json:"kind"`
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+		}
+		if err := yaml.Unmarshal(y, &meta); err != nil {
+			t.Fatal(err)
+		}
+		if meta.Kind == kind && meta.Metadata.Name == name {
+			return i
+		}
+	}
+	t.Fatalf("%s %s not built", kind, name)
+	return -1
 }
