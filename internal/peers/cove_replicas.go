@@ -55,7 +55,7 @@ func StartCoveReplicas(t testing.TB, n int, extra ...string) *CoveReplicas {
 	for i, c := range cr.Replicas {
 		c.args = append(append(append([]string{}, extra...), peerFlags...), "--advertise-url", c.URL, "--peer-secret-file", cr.SecretFile)
 		c.LogPath = filepath.Join(logDir, fmt.Sprintf("cove-cache-replica-%d.log", i))
-		args := append([]string{"serve", "--addr", c.Addr, "--storage-dir", c.StorageDir}, c.args...)
+		args := append([]string{"serve", "--addr", c.Addr, "--storage-dir", c.StorageDir, noDrain}, c.args...)
 		p, err := startProc("cove-cache", bin, args, cleanEnv(), c.LogPath, c.LogPath, 10*time.Second)
 		if err != nil {
 			t.Fatalf("peers: start replica %d: %v", i, err)
