@@ -58,6 +58,17 @@ func newCacheWith(t *testing.T, configure func(*server.Config), plainHTTP ...str
 	}
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
+	// Fills and pushed objects are stored in the background, after their clients are
+	// answered: let them end before the storage directory is removed.
+	t.Cleanup(func() {
+		for deadline := time.Now().Add(10 * time.Second); srv.Fills().InFlight() > 0 || srv.PendingStores() > 0; {
+			if time.Now().After(deadline) {
+				t.Log("fills or stores still running at the end of the test")
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	})
 	return &cache{srv: srv, http: hs, store: store}
 }
 
