@@ -17,6 +17,10 @@ CRICTL_VERSION=v1.34.0
 # @latest resolved to (a commit of 2026-02-12); it builds with this Go.
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 ORAS_VERSION=v1.3.6
+# A real Kubernetes API server and its etcd, for the EndpointSlice membership tests
+# (internal/peers.StartKubeAPIServer). etcd 3.6 is the line Kubernetes 1.34 runs on.
+KUBERNETES_VERSION=v1.34.3
+ETCD_VERSION=v3.6.16
 
 # need NAME VERSION: true when NAME at VERSION is not built yet.
 need() {
@@ -103,6 +107,67 @@ if need minio "$MINIO_VERSION"; then
   echo "tools: building minio $MINIO_VERSION"
   CGO_ENABLED=0 go install "github.com/minio/minio@$MINIO_VERSION"
   done_ minio "$MINIO_VERSION"
+fi
+
+if need etcd "$ETCD_VERSION"; then
+  # etcd's own main packages live in modules with replace directives, which `go install
+  # pkg@version` refuses; a throwaway module whose main calls etcdmain builds the same
+  # server from the module proxy. Debian's etcd-server is the fallback.
+  echo "tools: building etcd $ETCD_VERSION"
+  src="$TOOLS/src/etcd"
+  rm -rf "$src" && mkdir -p "$src"
+  cat >"$src/main.go" <<'EOF_ETCD'
+// Command etcd is etcd's server, built from go.etcd.io/etcd/server/v3 by hack/tools.sh.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+EOF_ETCD
+  if (cd "$src" && GOWORK=off go mod init cove-tools/etcd >/dev/null 2>&1 &&
+      GOWORK=off go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" &&
+      GOWORK=off go mod tidy && GOWORK=off CGO_ENABLED=0 go build -o "$BIN/etcd" .); then
+    rm -rf "$src"
+    done_ etcd "$ETCD_VERSION"
+  else
+    rm -rf "$src"
+    echo "tools: building etcd failed; installing Debian's etcd-server (apt-get)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -qq etcd-server >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null 2>&1 || true
+      apt-get install -y -qq etcd-server >/dev/null || {
+        echo "tools: etcd could not be built and \`apt-get install etcd-server\` failed" >&2
+        exit 1; }
+    fi
+    ln -sf "$(command -v etcd)" "$BIN/etcd"
+    # Not stamped with ETCD_VERSION: the next run tries the build again.
+    echo "tools: etcd $("$BIN/etcd" --version | head -n1) installed from Debian"
+  fi
+fi
+
+if need kube-apiserver "$KUBERNETES_VERSION"; then
+  # kubernetes is not meant to be a dependency: its go.mod points the k8s.io/* staging
+  # modules at ./staging (absent from the module zip) and requires them as v0.0.0.
+  # Build in a writable copy with the published staging modules instead (about 5 minutes).
+  echo "tools: building kube-apiserver $KUBERNETES_VERSION"
+  json="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION")" || {
+    echo "$json" >&2; echo "tools: downloading kubernetes failed" >&2; exit 1; }
+  mod="$(sed -n 's/.*"Dir": "\(.*\)".*/\1/p' <<<"$json")"
+  src="$TOOLS/src/kubernetes"
+  rm -rf "$src" && mkdir -p "$src"
+  cp -r "$mod/." "$src/"
+  chmod -R u+w "$src"
+  rm -rf "$src/go.work" "$src/go.work.sum" "$src/vendor"
+  staging="v0${KUBERNETES_VERSION#v1}" # k8s.io/kubernetes v1.X.Y ships staging v0.X.Y
+  sed -i -E -e '\#=> \./staging/#d' \
+    -e "s#^(\s*k8s\.io/[^ ]+) v0\.0\.0\$#\1 $staging#" "$src/go.mod"
+  (cd "$src" && GOWORK=off GOFLAGS="$GOFLAGS -mod=mod" go build -o "$BIN/kube-apiserver" ./cmd/kube-apiserver)
+  rm -rf "$src"
+  done_ kube-apiserver "$KUBERNETES_VERSION"
 fi
 
 echo "tools: all in $BIN"
