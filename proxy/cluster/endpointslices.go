@@ -203,8 +203,8 @@ func (m *EndpointSliceMembers) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return fmt.Errorf("cluster: endpointslice membership of %s: stopped before the first list: %w", m.name(), ctx.Err())
 		}
-		return fmt.Errorf("cluster: endpointslice membership of %s: no complete list of EndpointSlices within %v (last error: %v): %w",
-			m.name(), m.cfg.syncTimeout, lastErr.get(), errdefs.ErrUnavailable)
+		return fmt.Errorf("cluster: endpointslice membership of %s: no complete list of EndpointSlices within %v (%v): %w",
+			m.name(), m.cfg.syncTimeout, m.whyNotSynced(lastErr.get()), errdefs.ErrUnavailable)
 	}
 	// live first: an event whose handler saw !live changed the store before this read.
 	live.Store(true)
@@ -213,6 +213,24 @@ func (m *EndpointSliceMembers) Run(ctx context.Context) error {
 	m.cfg.log.Info("endpointslice membership synced", "service", m.name(), "members", m.Members())
 	<-ctx.Done()
 	return nil
+}
+
+// whyNotSynced is the error to report when the first list did not complete in time.
+// The informer retries some errors (connection refused, 429) inside without reporting
+// them, so when it reported none, one plain list shows what the API server answers.
+func (m *EndpointSliceMembers) whyNotSynced(reported error) error {
+	if reported != nil {
+		return fmt.Errorf("last error: %w", reported)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := m.client.DiscoveryV1().EndpointSlices(m.namespace).List(ctx, metav1.ListOptions{
+		LabelSelector: discoveryv1.LabelServiceName + "=" + m.service, Limit: 1,
+	})
+	if err != nil {
+		return fmt.Errorf("a list now fails: %w", err)
+	}
+	return errors.New("a list now succeeds; the API server was slow")
 }
 
 func (m *EndpointSliceMembers) name() string { return m.namespace + "/" + m.service }
