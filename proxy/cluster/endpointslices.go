@@ -131,7 +131,7 @@ func (m *EndpointSliceMembers) Synced() <-chan struct{} { return m.synced }
 // early when the first complete list cannot be read: a permission-denied error when
 // the API server refuses (the credentials may not list EndpointSlices in the
 // namespace), an unauthenticated one when it does not know them, and an unavailable
-// one, with the last error seen, after the sync timeout. Once synced it keeps
+// one, with the last error seen (or a plain list's), after the sync timeout. Once synced it keeps
 // going through API errors (the informer retries; Members keeps the last view). Run
 // may be called once.
 func (m *EndpointSliceMembers) Run(ctx context.Context) error {
@@ -143,24 +143,28 @@ func (m *EndpointSliceMembers) Run(ctx context.Context) error {
 	m.running = true
 	m.mu.Unlock()
 
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	selector := discoveryv1.LabelServiceName + "=" + m.service
 	informer := discoveryinformers.NewFilteredEndpointSliceInformer(m.client, m.namespace, 0,
 		cache.Indexers{}, func(o *metav1.ListOptions) { o.LabelSelector = selector })
 
-	var lastErr errorBox
+	// lastErr is the informer's last reported error; refused, a refusal before the
+	// first list, which ends Run.
+	var lastErr, refused errorBox
 	if err := informer.SetWatchErrorHandlerWithContext(func(hctx context.Context, r *cache.Reflector, err error) {
 		lastErr.set(err)
 		if !isSynced(m.synced) {
 			switch {
 			case apierrors.IsForbidden(err):
-				cancel(fmt.Errorf("cluster: endpointslice membership of %s: the API server refused to list EndpointSlices (grant get, list and watch on endpointslices.discovery.k8s.io in namespace %s): %w: %v",
+				refused.set(fmt.Errorf("cluster: endpointslice membership of %s: the API server refused to list EndpointSlices (grant get, list and watch on endpointslices.discovery.k8s.io in namespace %s): %w: %v",
 					m.name(), m.namespace, errdefs.ErrPermissionDenied, err))
+				cancel()
 				return
 			case apierrors.IsUnauthorized(err):
-				cancel(fmt.Errorf("cluster: endpointslice membership of %s: the API server did not accept the credentials: %w: %v",
+				refused.set(fmt.Errorf("cluster: endpointslice membership of %s: the API server did not accept the credentials: %w: %v",
 					m.name(), errdefs.ErrUnauthenticated, err))
+				cancel()
 				return
 			}
 		}
@@ -191,14 +195,14 @@ func (m *EndpointSliceMembers) Run(ctx context.Context) error {
 		defer close(done)
 		informer.RunWithContext(ctx)
 	}()
-	defer func() { cancel(nil); <-done }()
+	defer func() { cancel(); <-done }()
 
 	syncCtx, stopSync := context.WithTimeout(ctx, m.cfg.syncTimeout)
 	ok := cache.WaitForCacheSync(syncCtx.Done(), informer.HasSynced)
 	stopSync()
 	if !ok {
-		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
-			return cause // refused by the API server
+		if err := refused.get(); err != nil {
+			return err
 		}
 		if ctx.Err() != nil {
 			return fmt.Errorf("cluster: endpointslice membership of %s: stopped before the first list: %w", m.name(), ctx.Err())
