@@ -18,7 +18,7 @@ import (
 // that), because a replica shutting down must stop owning digests. Only the first
 // address of an endpoint is used (the API says they are fungible). A slice without
 // the named port, or where it has no number ("all ports") or is not TCP, gives no
-// member.
+// member. Members are in ParseMember's form.
 func membersOf(eps []*discoveryv1.EndpointSlice, scheme, portName string) []string {
 	var members []string
 	for _, s := range eps {
@@ -43,7 +43,13 @@ func membersOf(eps []*discoveryv1.EndpointSlice, scheme, portName string) []stri
 				}
 				host = ip.String()
 			}
-			members = append(members, scheme+"://"+net.JoinHostPort(host, strconv.Itoa(int(port))))
+			// The form ParseMember gives --peer and --advertise-url, so a replica finds
+			// itself in the list and every replica hashes the same strings.
+			member, err := ParseMember(scheme + "://" + net.JoinHostPort(host, strconv.Itoa(int(port))))
+			if err != nil {
+				continue
+			}
+			members = append(members, member)
 		}
 	}
 	slices.Sort(members)

@@ -58,7 +58,7 @@ func TestMembersOfReadinessRules(t *testing.T) {
 func TestMembersOfUnnamedPort(t *testing.T) {
 	eps := []*discoveryv1.EndpointSlice{
 		slice(discoveryv1.AddressTypeIPv4, []discoveryv1.EndpointPort{{Port: ptr.To[int32](5005)}}, endpoint("10.0.0.1", nil, nil)),
-		slice(discoveryv1.AddressTypeFQDN, []discoveryv1.EndpointPort{port("", 5005)}, endpoint("cove-0.cove.ns.svc", nil, nil)),
+		slice(discoveryv1.AddressTypeFQDN, []discoveryv1.EndpointPort{port("", 5005)}, endpoint("Cove-0.cove.ns.svc", nil, nil)),
 	}
 	got := membersOf(eps, "http", "")
 	want := []string{"http://10.0.0.1:5005", "http://cove-0.cove.ns.svc:5005"}
