@@ -220,7 +220,7 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cove-cache serve: %v\n", err)
 		return 2
 	}
-	clusterCfg, err := o.peer.clusterConfig()
+	clusterCfg, err := o.peer.clusterConfig(log)
 	if err != nil {
 		log.Error("scale-out configuration unusable", "error", err)
 		return 1

@@ -4,7 +4,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"slices"
+	"strings"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/cove-oci/cove/internal/cli"
 	"github.com/cove-oci/cove/proxy/cluster"
@@ -15,34 +21,58 @@ import (
 // (docs/scaleout.md).
 type peerOptions struct {
 	peers      cli.Repeated
+	fromSlices string // NAMESPACE/SERVICE
+	portName   string
+	kubeconfig string
 	advertise  string
 	secretFile string
 }
 
 func (o *peerOptions) register(fs *flag.FlagSet) {
 	fs.Var(&o.peers, "peer", "a replica of this cache, as the others reach it: `URL` http(s)://HOST:PORT (repeatable: the full list, this replica included); needs --advertise-url, --peer-secret-file and --s3-endpoint")
-	fs.StringVar(&o.advertise, "advertise-url", "", "with --peer: this replica's own `URL`, as listed in --peer")
-	fs.StringVar(&o.secretFile, "peer-secret-file", "", "with --peer: the `FILE` holding the secret every replica proves its peer requests with (at least 16 bytes; in Kubernetes a mounted Secret)")
+	fs.StringVar(&o.fromSlices, "peers-from-endpointslices", "", "the replicas are the ready endpoints of this Kubernetes Service, `NAMESPACE/SERVICE`, watched through its EndpointSlices (needs get, list and watch on endpointslices in NAMESPACE); instead of --peer, with the same other flags")
+	fs.StringVar(&o.portName, "peers-port-name", "http", "with --peers-from-endpointslices: the `NAME` of the Service port replicas reach each other at")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "with --peers-from-endpointslices: a kubeconfig `FILE` (default: the pod's in-cluster ServiceAccount)")
+	fs.StringVar(&o.advertise, "advertise-url", "", "with --peer or --peers-from-endpointslices: this replica's own `URL`, as the others reach it")
+	fs.StringVar(&o.secretFile, "peer-secret-file", "", "with --peer or --peers-from-endpointslices: the `FILE` holding the secret every replica proves its peer requests with (at least 16 bytes; in Kubernetes a mounted Secret)")
 }
 
 // validate checks the flags; with none of them given there is no cluster.
 func (o *peerOptions) validate(s3 bool, bounded bool) error {
-	if len(o.peers) == 0 {
+	if len(o.peers) > 0 && o.fromSlices != "" {
+		return errors.New("--peer and --peers-from-endpointslices exclude each other: the members come from one of them")
+	}
+	flag := "--peer"
+	if o.fromSlices != "" {
+		flag = "--peers-from-endpointslices"
+	} else if o.kubeconfig != "" {
+		return errors.New("--kubeconfig needs --peers-from-endpointslices")
+	}
+	if len(o.peers) == 0 && o.fromSlices == "" {
 		if o.advertise != "" || o.secretFile != "" {
-			return errors.New("--advertise-url and --peer-secret-file need --peer")
+			return errors.New("--advertise-url and --peer-secret-file need --peer or --peers-from-endpointslices")
 		}
 		return nil
 	}
 	if o.advertise == "" || o.secretFile == "" {
-		return errors.New("--peer needs --advertise-url and --peer-secret-file")
+		return fmt.Errorf("%s needs --advertise-url and --peer-secret-file", flag)
 	}
 	if !s3 {
-		return errors.New("--peer needs --s3-endpoint: replicas share one store, and a filesystem store is one process's")
+		return fmt.Errorf("%s needs --s3-endpoint: replicas share one store, and a filesystem store is one process's", flag)
 	}
 	if bounded {
 		// Each replica would evict by its own view of use: blobs another replica serves
 		// could go. Eviction shared by replicas is not built yet.
-		return errors.New("--peer with --storage-max-size is not supported yet: replicas do not share an eviction index")
+		return fmt.Errorf("%s with --storage-max-size is not supported yet: replicas do not share an eviction index", flag)
+	}
+	if o.fromSlices != "" {
+		if _, _, err := o.service(); err != nil {
+			return err
+		}
+		if _, err := cluster.ParseMember(o.advertise); err != nil {
+			return fmt.Errorf("--advertise-url: %v", err)
+		}
+		return nil
 	}
 	static, err := cluster.NewStatic(o.peers)
 	if err != nil {
@@ -60,18 +90,58 @@ func (o *peerOptions) validate(s3 bool, bounded bool) error {
 
 // clusterConfig builds the server's cluster configuration, reading the secret; nil
 // without --peer.
-func (o *peerOptions) clusterConfig() (*server.ClusterConfig, error) {
-	if len(o.peers) == 0 {
+func (o *peerOptions) clusterConfig(log *slog.Logger) (*server.ClusterConfig, error) {
+	if len(o.peers) == 0 && o.fromSlices == "" {
 		return nil, nil
 	}
 	secret, err := cluster.ReadSecretFile(o.secretFile)
 	if err != nil {
 		return nil, fmt.Errorf("--peer-secret-file: %w", err)
 	}
-	static, err := cluster.NewStatic(o.peers)
+	self, _ := cluster.ParseMember(o.advertise)
+	var members cluster.Membership
+	if o.fromSlices != "" {
+		members, err = o.endpointSlices(self, log)
+	} else {
+		members, err = cluster.NewStatic(o.peers)
+	}
 	if err != nil {
 		return nil, err
 	}
-	self, _ := cluster.ParseMember(o.advertise)
-	return &server.ClusterConfig{Membership: static, Self: self, Secret: secret}, nil
+	return &server.ClusterConfig{Membership: members, Self: self, Secret: secret}, nil
+}
+
+// service splits --peers-from-endpointslices.
+func (o *peerOptions) service() (namespace, name string, err error) {
+	namespace, name, ok := strings.Cut(o.fromSlices, "/")
+	if !ok || namespace == "" || name == "" || strings.Contains(name, "/") {
+		return "", "", fmt.Errorf("--peers-from-endpointslices %q: want NAMESPACE/SERVICE", o.fromSlices)
+	}
+	return namespace, name, nil
+}
+
+// endpointSlices is the membership of the Service's ready endpoints, read with the pod's
+// ServiceAccount or --kubeconfig. Member URLs take the scheme of --advertise-url.
+func (o *peerOptions) endpointSlices(self string, log *slog.Logger) (cluster.Membership, error) {
+	namespace, name, err := o.service()
+	if err != nil {
+		return nil, err
+	}
+	var cfg *rest.Config
+	if o.kubeconfig != "" {
+		cfg, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	} else {
+		cfg, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("--peers-from-endpointslices: Kubernetes API configuration: %w", err)
+	}
+	cfg.UserAgent = "cove-cache"
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("--peers-from-endpointslices: %w", err)
+	}
+	scheme, _, _ := strings.Cut(self, "://")
+	return cluster.EndpointSlices(client, namespace, name,
+		cluster.WithPortName(o.portName), cluster.WithScheme(scheme), cluster.WithLogger(log))
 }

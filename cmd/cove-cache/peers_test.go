@@ -32,6 +32,11 @@ func TestPeerFlagsFailClearly(t *testing.T) {
 		{with(s3, two, []string{"--advertise-url", "10.0.0.1:5005", "--peer-secret-file", "/x"}), "--advertise-url"},
 		{with(s3, []string{"--peer", "10.0.0.1:5005", "--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x"}), "--peer"},
 		{with(s3, []string{"--peer", "http://10.0.0.1:5005/v2", "--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x"}), "--peer"},
+		{with(s3, two, []string{"--peers-from-endpointslices", "cove/cove-cache", "--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x"}), "exclude each other"},
+		{with(s3, []string{"--peers-from-endpointslices", "cove-cache", "--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x"}), "NAMESPACE/SERVICE"},
+		{with(s3, []string{"--peers-from-endpointslices", "cove/cove-cache", "--peer-secret-file", "/x"}), "--peers-from-endpointslices needs --advertise-url"},
+		{with([]string{"serve", "--peers-from-endpointslices", "cove/cove-cache", "--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x"}), "--s3-endpoint"},
+		{with(s3, []string{"--kubeconfig", "/x"}), "--kubeconfig needs --peers-from-endpointslices"},
 	} {
 		var stdout, stderr bytes.Buffer
 		code := run(tt.args, &stdout, &stderr)

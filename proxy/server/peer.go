@@ -104,7 +104,7 @@ func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Du
 		},
 		origined: map[fill.Key]bool{},
 	}
-	if p.metrics, err = newPeerMetrics(s.metrics.Registry); err != nil {
+	if p.metrics, err = newPeerMetrics(s.metrics.Registry, cfg.Membership.Members); err != nil {
 		return err
 	}
 	p.fills, err = fill.NewManager(filepath.Join(spoolDir, "peer"), s.commitPeerFill,

@@ -12,7 +12,7 @@ type peerMetrics struct {
 	resumes   *prometheus.CounterVec
 }
 
-func newPeerMetrics(reg prometheus.Registerer) (*peerMetrics, error) {
+func newPeerMetrics(reg prometheus.Registerer, members func() []string) (*peerMetrics, error) {
 	m := &peerMetrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cove_peer_requests_total",
@@ -31,7 +31,13 @@ func newPeerMetrics(reg prometheus.Registerer) (*peerMetrics, error) {
 			Help: "Resumes of a peer stream cut short, by result: ranged (the next owner sent the rest), restarted, failed.",
 		}, []string{"result"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.forwarded, m.ownerDown, m.resumes} {
+	// Read at every scrape: a replica that sees fewer members than the Deployment has
+	// replicas (EndpointSlices not readable, peers not ready) fetches blobs others own.
+	membersSeen := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cove_peer_members",
+		Help: "Replicas this replica currently sees as members (itself included when listed), from --peer or the Service's ready EndpointSlices.",
+	}, func() float64 { return float64(len(members())) })
+	for _, c := range []prometheus.Collector{m.requests, m.forwarded, m.ownerDown, m.resumes, membersSeen} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -12,7 +12,7 @@ import (
 // answer, not a missing series).
 func TestPeerMetrics(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	m, err := newPeerMetrics(reg)
+	m, err := newPeerMetrics(reg, func() []string { return nil })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,7 +29,7 @@ func TestPeerMetrics(t *testing.T) {
 	if got := testutil.ToFloat64(m.resumes.WithLabelValues("ranged")); got != 1 {
 		t.Fatalf("resumes = %v", got)
 	}
-	if _, err := newPeerMetrics(reg); err == nil {
+	if _, err := newPeerMetrics(reg, func() []string { return nil }); err == nil {
 		t.Fatal("the collectors registered twice on one registry")
 	}
 }
