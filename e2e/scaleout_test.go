@@ -167,7 +167,7 @@ func TestScaleOutKillOwnerDuringColdPull(t *testing.T) {
 	ctx := testCtx(t)
 	registry := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, registry.Addr, "team/scalekill:v1", 3, 8<<20)
-	slow := startThrottleProxy(t, registry.Addr, 4<<20) // 2 s per layer
+	slow := peers.StartRateLimitProxy(t, registry.Addr, 4<<20) // 2 s per layer
 	img.Ref = strings.Replace(img.Ref, registry.Addr, slow.Addr, 1)
 	m, cr := startScaleOut(t, 3, slow.Addr)
 	urls := replicaURLs(cr)
