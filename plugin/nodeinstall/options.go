@@ -160,10 +160,11 @@ var (
 	hostPort = regexp.MustCompile(`^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$`)
 )
 
-// Validate checks the options and fills in defaults; every error is a *UsageError.
-func (o *Options) Validate() error {
+// validateCommon fills in the defaults install and uninstall share (prog names the
+// command in messages) and checks the roots and the way to reach the node's systemd.
+func (o *Options) validateCommon(prog string) error {
 	if o.Prog == "" {
-		o.Prog = "cove-node install"
+		o.Prog = prog
 	}
 	if o.Out == nil {
 		o.Out = io.Discard
@@ -177,7 +178,12 @@ func (o *Options) Validate() error {
 		}
 		o.Systemctl = []string{"systemctl"}
 	}
-	if err := o.Roots.check(o.NoRestart); err != nil {
+	return o.Roots.check(o.NoRestart)
+}
+
+// Validate checks the options and fills in defaults; every error is a *UsageError.
+func (o *Options) Validate() error {
+	if err := o.validateCommon("cove-node install"); err != nil {
 		return err
 	}
 	if o.Addr == "" {

@@ -26,22 +26,7 @@ var ErrIncomplete = errors.New("the uninstall is not finished: run it again")
 // somebody edited since the install keeps those edits: only what the install added goes.
 func Uninstall(ctx context.Context, u *UninstallOptions) error {
 	o := &Options{Roots: u.Roots, NoRestart: u.NoRestart, Systemctl: u.Systemctl, Prog: u.Prog, Out: u.Out, Err: u.Err}
-	if o.Prog == "" {
-		o.Prog = "cove-node uninstall"
-	}
-	if o.Out == nil {
-		o.Out = io.Discard
-	}
-	if o.Err == nil {
-		o.Err = io.Discard
-	}
-	if len(o.Systemctl) == 0 {
-		if o.hosted() && !o.NoRestart {
-			return usagef("--host-root %s: systemctl here is not the node's: pass --systemctl or --no-restart", o.HostRoot)
-		}
-		o.Systemctl = []string{"systemctl"}
-	}
-	if err := o.Roots.check(o.NoRestart); err != nil {
+	if err := o.validateCommon("cove-node uninstall"); err != nil {
 		return err
 	}
 	t := newTx(o.Roots, o.say)
