@@ -47,7 +47,7 @@ func TestScaleOutEndpointSlices(t *testing.T) {
 	m.SetEnv(t)
 	start := func(cfg *rest.Config) *peers.Cove {
 		kubeconfig := kube.WriteKubeconfig(t, cfg)
-		cr := peers.StartCoveReplicasWith(t, 1, "127.0.0.1", func([]string) []string {
+		cr := peers.StartCoveReplicasWith(t, 1, func([]string) []string {
 			return []string{"--peers-from-endpointslices", ns + "/" + svc, "--kubeconfig", kubeconfig}
 		}, "--origin-plain-http", origin.Addr, "--s3-endpoint", m.Endpoint, "--s3-bucket", m.Bucket)
 		return cr.Replicas[0]

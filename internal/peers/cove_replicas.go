@@ -27,7 +27,7 @@ type CoveReplicas struct {
 // picks a new port the others do not know).
 func StartCoveReplicas(t testing.TB, n int, extra ...string) *CoveReplicas {
 	t.Helper()
-	return StartCoveReplicasWith(t, n, "127.0.0.1", func(urls []string) []string {
+	return StartCoveReplicasWith(t, n, func(urls []string) []string {
 		var flags []string
 		for _, u := range urls {
 			flags = append(flags, "--peer", u)
@@ -37,11 +37,8 @@ func StartCoveReplicas(t testing.TB, n int, extra ...string) *CoveReplicas {
 }
 
 // StartCoveReplicasWith is StartCoveReplicas with the membership flags given by
-// membership from the replicas' advertised URLs (e.g. --peers-from-endpointslices, where
-// the test publishes them as EndpointSlices itself), and those URLs naming host (which
-// must resolve to 127.0.0.1: EndpointSlices refuse loopback addresses, not "localhost").
-// The replicas listen on 127.0.0.1 whatever host is; Cove.URL is always 127.0.0.1's.
-func StartCoveReplicasWith(t testing.TB, n int, host string, membership func(urls []string) []string, extra ...string) *CoveReplicas {
+// membership from the replicas' URLs (e.g. --peers-from-endpointslices instead of --peer).
+func StartCoveReplicasWith(t testing.TB, n int, membership func(urls []string) []string, extra ...string) *CoveReplicas {
 	t.Helper()
 	secret := make([]byte, 32)
 	if _, err := rand.Read(secret); err != nil {
@@ -64,13 +61,13 @@ func StartCoveReplicasWith(t testing.TB, n int, host string, membership func(url
 		}
 		addrs[addr] = true
 		cr.Replicas = append(cr.Replicas, &Cove{Addr: addr, URL: "http://" + addr, StorageDir: t.TempDir()})
-		urls = append(urls, fmt.Sprintf("http://%s:%d", host, port))
+		urls = append(urls, "http://"+addr)
 	}
 	peerFlags := membership(urls)
 	bin := CoveBinary(t, "cove-cache")
 	logDir := t.TempDir()
 	for i, c := range cr.Replicas {
-		c.args = append(append(append([]string{}, extra...), peerFlags...), "--advertise-url", urls[i], "--peer-secret-file", cr.SecretFile)
+		c.args = append(append(append([]string{}, extra...), peerFlags...), "--advertise-url", c.URL, "--peer-secret-file", cr.SecretFile)
 		c.LogPath = filepath.Join(logDir, fmt.Sprintf("cove-cache-replica-%d.log", i))
 		args := append([]string{"serve", "--addr", c.Addr, "--storage-dir", c.StorageDir, noDrain}, c.args...)
 		p, err := startProc("cove-cache", bin, args, cleanEnv(), c.LogPath, c.LogPath, 10*time.Second)
