@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bufio"
 	"errors"
 	"io"
 	"net/http"
@@ -107,12 +108,18 @@ func relayPush(w http.ResponseWriter, r *http.Request, resp *http.Response, loca
 }
 
 // bodyOf is what of the client's request body is sent on: nothing when it has none.
+// It is read in large reads: the transport asks for 32 KiB at a time, and each read of
+// the client's connection is a system call (a third of cove-cache's CPU in a push went to
+// them), while the connection often holds far more.
 func bodyOf(r *http.Request) (io.Reader, int64) {
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
 		return nil, 0
 	}
-	return r.Body, r.ContentLength
+	return bufio.NewReaderSize(r.Body, bodyReadSize), r.ContentLength
 }
+
+// bodyReadSize is the read buffer of an upload's body.
+const bodyReadSize = 512 << 10
 
 // startUpload is POST /v2/<name>/blobs/uploads/: a session, a monolithic upload
 // (digest=) or a cross-repository mount (mount= and from=).

@@ -83,7 +83,7 @@ func (s *Server) commitBlob(r *http.Request, req *route.Request, sp *spool, want
 	ok := false
 	if sp != nil {
 		if path, size, ok = sp.finish(want); !ok {
-			s.log.Info("pushed blob not kept: the bytes sent do not match its digest, or the spool could not follow", "registry", req.Registry, "repository", req.Repository, "digest", want)
+			s.log.Info("pushed blob not kept: the spool could not follow the upload", "registry", req.Registry, "repository", req.Repository, "digest", want)
 		}
 	}
 	key := fill.Key{Registry: req.Registry, Digest: want}
@@ -105,11 +105,11 @@ func (s *Server) commitBlob(r *http.Request, req *route.Request, sp *spool, want
 	}()
 }
 
-// storePushedFile hands a verified spool file to storage; path is removed either way.
+// storePushedFile hands a spool file to storage once verified; path is removed either way.
 func (s *Server) storePushedFile(ctx context.Context, registry string, d digest.Digest, size int64, path string) {
 	if n, err := s.store.Stat(ctx, d); err == nil && n == size {
-		// The store holds these bytes already (verified when stored, as the spool was
-		// now): nothing to write but this registry's provenance.
+		// The store holds these bytes already (verified when stored): nothing to write
+		// but this registry's provenance, which the origin's 201 taught.
 		os.Remove(path)
 		if err := s.recordProvenance(ctx, registry, d); err != nil {
 			s.log.Warn("storing a pushed blob's provenance failed", "registry", registry, "digest", d, "error", err)
@@ -127,6 +127,12 @@ func (s *Server) storePushedFile(ctx context.Context, registry string, d digest.
 		defer func() { release(err == nil) }()
 	}
 	if ad, ok := s.store.(storage.FileAdopter); ok {
+		// An adopter takes the file as it is: check it first (Put checks what it copies).
+		if err = verifySpooled(path, size, d); err != nil {
+			os.Remove(path)
+			s.log.Info("pushed blob not kept: the bytes sent do not match its digest", "registry", registry, "digest", d, "error", err)
+			return
+		}
 		err = ad.AdoptFile(ctx, d, size, path)
 	} else {
 		var f *os.File
