@@ -18,14 +18,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
+	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/cove-oci/cove/plugin/breaker"
+	"github.com/cove-oci/cove/proxy/cluster"
 	"github.com/cove-oci/cove/proxy/fill"
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/origin"
@@ -34,8 +36,14 @@ import (
 
 // Config configures the resolver hook. Zero durations take the defaults.
 type Config struct {
-	// Caches are cove-cache base URLs (http://host:port), tried in order.
+	// Caches are cove-cache base URLs (http://host:port). One is tried alone; several are
+	// replicas of one cove-cache, ranked per request the way the replicas rank owners
+	// (caches.go): a blob goes to its owner first, then to the next in rank.
 	Caches []string
+	// Members, when set, lists the replicas (their member URLs) as they come and go (the
+	// Service's EndpointSlices): they are ranked per request like Caches, and Caches
+	// follow them, used alone while Members is empty. The caller runs it.
+	Members cluster.Membership
 	// PlainHTTP lists origins (host:port) reached over plain HTTP when falling back.
 	PlainHTTP []string
 	// ConnectTimeout bounds the TCP connect to cove-cache (default 300 ms).
@@ -157,20 +165,27 @@ func (c *Config) defaults() {
 
 // Handler serves the distribution pull API for containerd.
 type Handler struct {
-	stop   chan struct{}
-	cfg    Config
-	caches []*cacheEndpoint
-	origin *origin.Client
-	router route.Router
-	log    *slog.Logger
-	around *aroundWatch
+	stop        chan struct{}
+	cfg         Config
+	set         cacheSet
+	breakerOpts []breaker.Option
+	origin      *origin.Client
+	router      route.Router
+	log         *slog.Logger
+	around      *aroundWatch
 }
 
 type cacheEndpoint struct {
 	base    string
+	member  string // the name it is ranked by (memberName)
+	source  string // SourceFlag or SourceMembers
 	client  *http.Client
 	probe   func(ctx context.Context) bool
 	breaker *breaker.Breaker
+
+	transport *http.Transport // its own (nil with Config.Transport): idle connections closed with it
+	stop      chan struct{}   // closed when it leaves the set: ends its health check
+	closeOnce sync.Once
 }
 
 // New builds the resolver hook.
@@ -179,49 +194,24 @@ func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
 	if cfg.Fallback != FallbackHandoff && cfg.Fallback != FallbackRelay {
 		return nil, fmt.Errorf("fallback %q: want %s or %s", cfg.Fallback, FallbackHandoff, FallbackRelay)
 	}
-	h := &Handler{cfg: cfg, log: cfg.Logger, stop: make(chan struct{})}
+	h := &Handler{cfg: cfg, log: cfg.Logger, stop: make(chan struct{}), breakerOpts: opts}
 	h.around = newAroundWatch(cfg.AroundCacheWindow, 10*time.Minute, cfg.AroundCache, cfg.Logger)
 	for _, raw := range cfg.Caches {
 		base := strings.TrimRight(raw, "/")
-		if !strings.HasPrefix(base, "http://") && !strings.HasPrefix(base, "https://") {
+		if u, err := url.Parse(base); err != nil || (u.Scheme != "http" && u.Scheme != "https") {
+			h.Close()
 			return nil, fmt.Errorf("cache URL %q: want http:// or https://", raw)
 		}
-		rt := cfg.Transport
-		if rt == nil {
-			rt = &http.Transport{
-				DialContext:         (&net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext,
-				MaxIdleConnsPerHost: 64,
-				IdleConnTimeout:     90 * time.Second,
-				DisableCompression:  true,
-				TLSHandshakeTimeout: 2 * time.Second,
-				TLSClientConfig:     cfg.TLSConfig.Clone(), // nil stays nil
-			}
-		}
-		client := &http.Client{
-			Transport: rt,
-			// The cache answers for itself; a redirect is not something to follow blindly.
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		}
-		probe := breaker.HealthProbe(client, base+"/healthz")
-		ep := &cacheEndpoint{base: base, client: client, probe: probe}
-		ep.breaker = breaker.New(probe, append([]breaker.Option{breaker.WithOnChange(func(open bool) {
-			if open {
-				h.log.Warn("cove-cache unhealthy: pulls go to the origin", "cache", base)
-			} else {
-				h.log.Info("cove-cache back", "cache", base)
-			}
-		})}, opts...)...)
-		h.caches = append(h.caches, ep)
+		h.set.static = append(h.set.static, h.newEndpoint(base, SourceFlag))
 	}
 	oopts := []origin.Option{origin.WithPlainHTTP(cfg.PlainHTTP...)}
 	if cfg.OriginTransport != nil {
 		oopts = append(oopts, origin.WithTransport(cfg.OriginTransport))
 	}
 	h.origin = origin.New(oopts...)
-	if cfg.ProbeInterval > 0 {
-		for _, ep := range h.caches {
-			go h.monitor(ep)
-		}
+	if cfg.Members != nil {
+		h.setMembers(cfg.Members.Members())
+		go h.followMembers()
 	}
 	return h, nil
 }
@@ -238,6 +228,8 @@ func (h *Handler) monitor(ep *cacheEndpoint) {
 		select {
 		case <-h.stop:
 			return
+		case <-ep.stop:
+			return
 		case <-t.C:
 		}
 	}
@@ -251,13 +243,20 @@ func (h *Handler) Close() error {
 		close(h.stop)
 	}
 	h.around.close()
+	h.closeCaches()
 	return nil
+}
+
+func (h *Handler) closeCaches() {
+	for _, ep := range h.allCaches() {
+		ep.close()
+	}
 }
 
 // BreakerOpen reports, per cache URL, whether requests bypass it now.
 func (h *Handler) BreakerOpen() map[string]bool {
 	m := map[string]bool{}
-	for _, ep := range h.caches {
+	for _, ep := range h.allCaches() {
 		m[ep.base] = ep.breaker.Open()
 	}
 	return m
@@ -302,7 +301,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	reason := "no-cache"
-	for _, ep := range h.caches {
+	for _, ep := range h.cachesFor(req) {
 		if !ep.breaker.Allow() {
 			reason = "breaker-open"
 			continue

@@ -74,7 +74,7 @@ func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, req *route.R
 		close(ready)
 	}()
 	var ep *cacheEndpoint
-	for _, e := range h.caches {
+	for _, e := range h.cachesFor(req) {
 		if e.breaker.Allow() {
 			ep = e
 			break
@@ -158,7 +158,7 @@ func (c *countingWriter) ReadFrom(src io.Reader) (int64, error) {
 // fetches whatever the prefill could not. The caller must close the body.
 func (h *Handler) FetchFromCache(ctx context.Context, registry, repository string, d digest.Digest, header http.Header) (*http.Response, error) {
 	failure := "no healthy cove-cache"
-	for _, ep := range h.caches {
+	for _, ep := range h.cachesForKey(d.String()) {
 		if !ep.breaker.Allow() {
 			continue
 		}
