@@ -84,6 +84,7 @@ type options struct {
 	logLevel      string
 	logFormat     string
 	cacheCA       string
+	slices        sliceOptions
 }
 
 func parseServe(args []string, stderr io.Writer) (*options, error) {
@@ -91,7 +92,8 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs := flag.NewFlagSet("cove-node serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:5006", "loopback `HOST:PORT` of the resolver hook (containerd's _default mirror)")
-	fs.Var(&o.caches, "cache", "cove-cache base `URL` (repeatable, tried in order)")
+	fs.Var(&o.caches, "cache", "cove-cache base `URL` (repeatable: several are replicas of one cove-cache, their --advertise-url; each blob goes to the one that owns it, then the next in rank)")
+	o.slices.register(fs)
 	fs.StringVar(&o.cacheCA, "cache-ca", "", "PEM bundle `FILE` of the CA certificates that verify https:// --cache URLs, used instead of the system roots")
 	fs.StringVar(&o.root, "root", "/var/lib/cove-node", "state `DIR`")
 	fs.StringVar(&o.contentSocket, "content-socket", "", "unix socket `PATH` of the content hook; empty: mirror-only mode")
@@ -127,6 +129,9 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
 			return nil, fmt.Errorf("--cache %q: want http(s)://HOST:PORT", c)
 		}
+	}
+	if err := o.slices.check(); err != nil {
+		return nil, err
 	}
 	for i, h := range o.plainHTTP {
 		norm, err := route.NormalizeHost(h)
@@ -214,8 +219,21 @@ func serve(args []string, stderr io.Writer) int {
 		log.Error("creating state directory failed", "root", o.root, "error", err)
 		return 1
 	}
+	members, err := o.slices.membership(o.caches, log)
+	if err != nil {
+		log.Error("reading the cove-cache replicas from the Kubernetes API is impossible", "error", err)
+		return 1
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if members != nil {
+		o.cfg.Members = members
+		go func() {
+			if err := members.Run(ctx); err != nil {
+				log.Error("cove-cache membership stopped: requests go to the last replicas seen or the --cache URLs", "error", err)
+			}
+		}()
+	}
 	ncfg := node.Config{Addr: o.addr, Mirror: o.cfg, Logger: log}
 	if o.contentSocket != "" {
 		ncfg.Content = content.Config{Root: o.contentRoot, Socket: o.contentSocket, ContainerdAddress: o.containerd}

@@ -32,6 +32,12 @@ func TestBadFlagsFailClearly(t *testing.T) {
 		{[]string{"serve", "--log-level", "x"}, "--log-level"},
 		{[]string{"serve", "--fallback", "maybe"}, "--fallback"},
 		{[]string{"serve", "stray"}, "unexpected argument"},
+		{[]string{"serve", "--kubeconfig", "/k"}, "--kubeconfig needs --caches-from-endpointslices"},
+		{[]string{"serve", "--caches-from-endpointslices", "cove-cache"}, "NAMESPACE/SERVICE"},
+		{[]string{"serve", "--caches-from-endpointslices", "cove/a/b"}, "NAMESPACE/SERVICE"},
+		{[]string{"serve", "--caches-from-endpointslices", "Cove/cove-cache"}, "namespace"},
+		{[]string{"serve", "--caches-from-endpointslices", "cove/cove_cache"}, "service"},
+		{[]string{"serve", "--caches-from-endpointslices", "cove/cove-cache", "--caches-port-name", "no spaces"}, "--caches-port-name"},
 		{[]string{"nope"}, "unknown command"},
 		{nil, "Usage"},
 	} {
@@ -95,5 +101,17 @@ func mustWrite(t *testing.T, path string, b []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, b, 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Outside a pod, without --kubeconfig, there is no API configuration: cove-node says so
+// and stops, rather than run without the replicas it was told to follow.
+func TestServeEndpointSlicesNeedsAPIConfig(t *testing.T) {
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	t.Setenv("KUBERNETES_SERVICE_PORT", "")
+	var out, errb bytes.Buffer
+	code := run([]string{"serve", "--addr", "127.0.0.1:0", "--root", t.TempDir(), "--caches-from-endpointslices", "cove/cove-cache"}, &out, &errb)
+	if code != 1 || !strings.Contains(errb.String(), "Kubernetes API configuration") {
+		t.Fatalf("exit %d, %q; want 1 naming the Kubernetes API configuration", code, errb.String())
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -201,6 +202,9 @@ func New(cfg Config, opts ...breaker.Option) (*Handler, error) {
 		if u, err := url.Parse(base); err != nil || (u.Scheme != "http" && u.Scheme != "https") {
 			h.Close()
 			return nil, fmt.Errorf("cache URL %q: want http:// or https://", raw)
+		}
+		if slices.ContainsFunc(h.set.static, func(ep *cacheEndpoint) bool { return ep.member == memberName(base) }) {
+			continue // the same cache twice: one endpoint, one breaker
 		}
 		h.set.static = append(h.set.static, h.newEndpoint(base, SourceFlag))
 	}

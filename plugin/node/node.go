@@ -304,4 +304,26 @@ func (m *metrics) watchBreakers(h *mirror.Handler) {
 		}
 		return float64(n)
 	}))
+	m.reg.MustRegister(cacheCollector{h})
+}
+
+// cacheUp is the caches the resolver hook sends requests to now: the --cache URLs and,
+// with --caches-from-endpointslices, the replicas the Service's EndpointSlices list.
+var cacheUp = prometheus.NewDesc("cove_node_cache_up",
+	"cove-cache endpoints this node sends requests to now, by URL and source (flag: --cache; members: the Service's ready EndpointSlices): 1 in use, 0 bypassed (circuit breaker open).",
+	[]string{"cache", "source"}, nil)
+
+// cacheCollector reads the list at every scrape: it changes as replicas come and go.
+type cacheCollector struct{ h *mirror.Handler }
+
+func (c cacheCollector) Describe(ch chan<- *prometheus.Desc) { ch <- cacheUp }
+
+func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, cs := range c.h.Caches() {
+		v := 1.0
+		if cs.Bypassed {
+			v = 0
+		}
+		ch <- prometheus.MustNewConstMetric(cacheUp, prometheus.GaugeValue, v, cs.URL, cs.Source)
+	}
 }
