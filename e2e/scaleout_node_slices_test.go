@@ -82,7 +82,7 @@ func TestScaleOutNodeEndpointSlices(t *testing.T) {
 	}
 	waitCacheList(t, refused, flag)
 	kube.GrantRole(t, ns, "cove-node-late", "cove-node-late-caches", rule)
-	waitCacheList(t, refused, member(2), flag)
+	waitCacheListWithin(t, 90*time.Second, refused, member(2), flag) // its next watch: the pause doubles up to a minute
 }
 
 // publishSlice creates or updates EndpointSlice i of svc: one endpoint,
@@ -164,8 +164,13 @@ func label(m *dto.Metric, name string) string {
 
 func waitCacheList(t *testing.T, n *peers.CoveNode, want ...string) {
 	t.Helper()
+	waitCacheListWithin(t, 30*time.Second, n, want...)
+}
+
+func waitCacheListWithin(t *testing.T, within time.Duration, n *peers.CoveNode, want ...string) {
+	t.Helper()
 	var got []string
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if got = cacheList(t, n); slices.Equal(got, want) {
 			return
 		}
