@@ -10,11 +10,11 @@ import (
 	"sync"
 	"time"
 
-	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/cove-oci/cove/plugin/nodeinstall"
 	"github.com/cove-oci/cove/proxy/cluster"
 )
 
@@ -45,23 +45,7 @@ func (s *sliceOptions) check() error {
 		}
 		return nil
 	}
-	namespace, name, ok := strings.Cut(s.service, "/")
-	if !ok || namespace == "" || name == "" || strings.Contains(name, "/") {
-		return fmt.Errorf("--caches-from-endpointslices %q: want NAMESPACE/SERVICE", s.service)
-	}
-	// The API's own rules, so that a typo fails here rather than as an empty list.
-	if errs := validation.IsDNS1123Label(namespace); len(errs) > 0 {
-		return fmt.Errorf("--caches-from-endpointslices %q: namespace: %s", s.service, errs[0])
-	}
-	if errs := validation.IsDNS1035Label(name); len(errs) > 0 {
-		return fmt.Errorf("--caches-from-endpointslices %q: service: %s", s.service, errs[0])
-	}
-	if s.portName != "" {
-		if errs := validation.IsValidPortName(s.portName); len(errs) > 0 {
-			return fmt.Errorf("--caches-port-name %q: %s", s.portName, errs[0])
-		}
-	}
-	return nil
+	return nodeinstall.CheckCachesFrom(s.service, s.portName)
 }
 
 // membership builds the EndpointSlice membership (nil without the flag). Member URLs are

@@ -27,6 +27,7 @@ func TestManifestsBuildAndDecodeStrictly(t *testing.T) {
 		key("RoleBinding", namespace, "cove-cache-peers"), key("Deployment", namespace, cacheName),
 		key("Service", namespace, cacheName), key("PodDisruptionBudget", namespace, cacheName),
 		key("ServiceAccount", namespace, nodeName), key("DaemonSet", namespace, nodeName),
+		key("Role", namespace, "cove-node-caches"), key("RoleBinding", namespace, "cove-node-caches"),
 		key("ConfigMap", namespace, "cove-grafana-dashboard"),
 	} {
 		if _, ok := b.typed[want]; !ok {

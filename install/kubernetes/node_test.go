@@ -26,7 +26,7 @@ func TestManifestNodeWiring(t *testing.T) {
 		t.Fatal("the DaemonSet's selector does not select its own pods")
 	}
 	if pod.AutomountServiceAccountToken == nil || *pod.AutomountServiceAccountToken {
-		t.Error("cove-node calls no Kubernetes API: mount no token")
+		t.Error("mount no default token: cove-node on the host reads the API with the cove-node-token volume's")
 	}
 	if !slices.ContainsFunc(pod.Tolerations, func(tol corev1.Toleration) bool {
 		return tol.Operator == corev1.TolerationOpExists && tol.Key == ""
@@ -148,4 +148,77 @@ func objectIndex(t *testing.T, objs [][]byte, kind, name string) int {
 	}
 	t.Fatalf("%s %s not built", kind, name)
 	return -1
+}
+
+// TestManifestNodeReadsReplicas: the DaemonSet's install points cove-node at the cove-cache
+// Service's EndpointSlices in the pod's own namespace, on the Service's http port, and
+// reads the API with a token the kubelet keeps current: a projected ServiceAccount token
+// of this pod, named by the path the node sees it at (the pod's UID), with the API
+// server's CA mounted where the install reads it.
+func TestManifestNodeReadsReplicas(t *testing.T) {
+	b := build(t, dir())
+	ds := get[*appsv1.DaemonSet](t, b, "DaemonSet", namespace, nodeName)
+	pod := ds.Spec.Template.Spec
+	init := pod.InitContainers[0]
+	install := parseArgs(t, "install", init.Args)
+	svc := get[*corev1.Service](t, b, "Service", namespace, cacheName)
+	if got, want := install.one(t, "install", "caches-from-endpointslices"), "$(POD_NAMESPACE)/"+svc.Name; got != want {
+		t.Errorf("install --caches-from-endpointslices=%s, want %s", got, want)
+	}
+	portName := "http" // cove-node's default
+	if v := install.flags["caches-port-name"]; len(v) > 0 {
+		portName = v[0]
+	}
+	if !slices.ContainsFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == portName }) {
+		t.Errorf("the Service has no port named %q for cove-node's --caches-port-name", portName)
+	}
+	fieldOf := func(name string) string {
+		for _, e := range init.Env {
+			if e.Name == name && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
+				return e.ValueFrom.FieldRef.FieldPath
+			}
+		}
+		return ""
+	}
+	if fieldOf("POD_NAMESPACE") != "metadata.namespace" || fieldOf("POD_UID") != "metadata.uid" {
+		t.Errorf("the init container's POD_NAMESPACE and POD_UID are %q and %q, want metadata.namespace and metadata.uid", fieldOf("POD_NAMESPACE"), fieldOf("POD_UID"))
+	}
+
+	tokenFile := install.one(t, "install", "kube-token-file")
+	const prefix = "/var/lib/kubelet/pods/$(POD_UID)/volumes/kubernetes.io~projected/"
+	volName, ok := strings.CutPrefix(tokenFile, prefix)
+	volName, ok2 := strings.CutSuffix(volName, "/token")
+	if !ok || !ok2 || strings.Contains(volName, "/") {
+		t.Fatalf("install --kube-token-file=%s, want %s<volume>/token", tokenFile, prefix)
+	}
+	var vol *corev1.Volume
+	for i := range pod.Volumes {
+		if pod.Volumes[i].Name == volName {
+			vol = &pod.Volumes[i]
+		}
+	}
+	if vol == nil || vol.Projected == nil {
+		t.Fatalf("--kube-token-file names volume %q, which is not a projected volume of the pod", volName)
+	}
+	var token, ca bool
+	for _, src := range vol.Projected.Sources {
+		if st := src.ServiceAccountToken; st != nil && st.Path == "token" && st.Audience == "" {
+			token = true
+		}
+		if cm := src.ConfigMap; cm != nil && cm.Name == "kube-root-ca.crt" {
+			ca = slices.ContainsFunc(cm.Items, func(k corev1.KeyToPath) bool { return k.Key == "ca.crt" && k.Path == "ca.crt" })
+		}
+	}
+	if !token || !ca {
+		t.Errorf("volume %s: ServiceAccount token at token %v, the API server's CA at ca.crt %v; want both", volName, token, ca)
+	}
+	caFile := "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt" // install's --kube-ca-file default
+	if v := install.flags["kube-ca-file"]; len(v) > 0 {
+		caFile = v[0]
+	}
+	if !slices.ContainsFunc(init.VolumeMounts, func(m corev1.VolumeMount) bool {
+		return m.Name == volName && m.MountPath == filepath.Dir(caFile)
+	}) {
+		t.Errorf("the init container does not mount %s at %s, where the install reads the CA", volName, filepath.Dir(caFile))
+	}
 }

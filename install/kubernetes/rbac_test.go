@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 )
 
@@ -156,14 +157,14 @@ func selectorChain(stack []ast.Node) []string {
 	return names
 }
 
-// codeAPICalls scans the Go files of every package of this module that the cove-cache
-// and cove-node binaries are built from (test helpers such as internal/peers, which set
-// up a test's API server, are not).
-func codeAPICalls(t *testing.T) []apiCall {
+// codeAPICalls scans the Go files of every package of this module that the binary pkg
+// (./cmd/cove-cache, ./cmd/cove-node) is built from (test helpers such as internal/peers,
+// which set up a test's API server, are not).
+func codeAPICalls(t *testing.T, pkg string) []apiCall {
 	t.Helper()
 	cmd := exec.Command("go", "list", "-deps", "-f",
 		`{{with .Module}}{{if eq .Path "github.com/cove-oci/cove"}}{{$.Dir}}{{range $.GoFiles}} {{.}}{{end}}{{"\n"}}{{end}}{{end}}`,
-		"./cmd/cove-cache", "./cmd/cove-node")
+		pkg)
 	cmd.Dir = repoRoot()
 	out, err := cmd.Output()
 	if err != nil {
@@ -189,7 +190,7 @@ func codeAPICalls(t *testing.T) []apiCall {
 		}
 	}
 	if packages < 10 {
-		t.Fatalf("go list found %d of cove's packages in the binaries: %s", packages, out)
+		t.Fatalf("go list found %d of cove's packages in %s: %s", packages, pkg, out)
 	}
 	return calls
 }
@@ -204,9 +205,10 @@ func allows(rules []rbacv1.PolicyRule, group, resource, verb string) bool {
 	return false
 }
 
-// TestManifestRBACLeastPrivilege: cove-cache's Role grants get, list and watch on
-// EndpointSlices and nothing else, no cluster-wide role is made, and every API call in
-// cove's code is covered by it.
+// TestManifestRBACLeastPrivilege: each binary has one Role, exactly get, list and watch
+// on EndpointSlices, bound to the ServiceAccount its workload runs as (cove-cache reads
+// its peers, cove-node the replicas it sends blobs to); no cluster-wide role is made;
+// and every API call in the code each binary is built from is covered by its Role.
 func TestManifestRBACLeastPrivilege(t *testing.T) {
 	b := build(t, dir())
 	for k := range b.typed {
@@ -220,30 +222,49 @@ func TestManifestRBACLeastPrivilege(t *testing.T) {
 			roles = append(roles, k)
 		}
 	}
-	if len(roles) != 1 {
-		t.Fatalf("Roles %v, want one", roles)
+	slices.Sort(roles)
+	if want := []string{key("Role", namespace, "cove-cache-peers"), key("Role", namespace, "cove-node-caches")}; !slices.Equal(roles, want) {
+		t.Fatalf("Roles %v, want %v", roles, want)
 	}
-	role := get[*rbacv1.Role](t, b, "Role", namespace, "cove-cache-peers")
-	want := []rbacv1.PolicyRule{{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"get", "list", "watch"}}}
-	if len(role.Rules) != 1 || !slices.Equal(role.Rules[0].APIGroups, want[0].APIGroups) ||
-		!slices.Equal(role.Rules[0].Resources, want[0].Resources) || !slices.Equal(role.Rules[0].Verbs, want[0].Verbs) ||
-		len(role.Rules[0].ResourceNames) != 0 || len(role.Rules[0].NonResourceURLs) != 0 {
-		t.Errorf("Role rules %+v, want exactly %+v", role.Rules, want)
-	}
-	calls := codeAPICalls(t)
-	t.Logf("Kubernetes API calls in cove's code: %+v", calls)
-	for _, c := range calls {
-		if strings.HasPrefix(c.group, "?") {
-			t.Errorf("%s: unknown API group accessor %s: add it to groupOf", c.at, c.group[1:])
-			continue
+	want := rbacv1.PolicyRule{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"get", "list", "watch"}}
+	for _, bin := range []struct {
+		pkg, role, serviceAccount string
+	}{
+		{"./cmd/cove-cache", "cove-cache-peers", get[*appsv1.Deployment](t, b, "Deployment", namespace, cacheName).Spec.Template.Spec.ServiceAccountName},
+		{"./cmd/cove-node", "cove-node-caches", get[*appsv1.DaemonSet](t, b, "DaemonSet", namespace, nodeName).Spec.Template.Spec.ServiceAccountName},
+	} {
+		role := get[*rbacv1.Role](t, b, "Role", namespace, bin.role)
+		if len(role.Rules) != 1 || !slices.Equal(role.Rules[0].APIGroups, want.APIGroups) ||
+			!slices.Equal(role.Rules[0].Resources, want.Resources) || !slices.Equal(role.Rules[0].Verbs, want.Verbs) ||
+			len(role.Rules[0].ResourceNames) != 0 || len(role.Rules[0].NonResourceURLs) != 0 {
+			t.Errorf("Role %s rules %+v, want exactly %+v", bin.role, role.Rules, want)
 		}
-		vs := c.verbs
-		if len(vs) == 0 {
-			vs = []string{"get"} // the resource at least; its verbs are not visible here
+		rb := get[*rbacv1.RoleBinding](t, b, "RoleBinding", namespace, bin.role)
+		if rb.RoleRef.Kind != "Role" || rb.RoleRef.Name != bin.role || len(rb.Subjects) != 1 || rb.Subjects[0].Kind != "ServiceAccount" ||
+			rb.Subjects[0].Name != bin.serviceAccount || rb.Subjects[0].Namespace != namespace {
+			t.Errorf("RoleBinding %s: %+v to %+v, want Role %s to ServiceAccount %s/%s", bin.role, rb.RoleRef, rb.Subjects, bin.role, namespace, bin.serviceAccount)
 		}
-		for _, v := range vs {
-			if !allows(role.Rules, c.group, c.resource, v) {
-				t.Errorf("%s: the code may %s %s.%s, which the Role does not grant", c.at, v, c.resource, c.group)
+		if b.typed[key("ServiceAccount", namespace, bin.serviceAccount)] == nil {
+			t.Errorf("%s runs as ServiceAccount %q, which is not built", bin.pkg, bin.serviceAccount)
+		}
+		calls := codeAPICalls(t, bin.pkg)
+		t.Logf("Kubernetes API calls in %s's code: %+v", bin.pkg, calls)
+		if len(calls) == 0 {
+			t.Errorf("no Kubernetes API call found in %s's code: the scan is broken, or the Role is not needed", bin.pkg)
+		}
+		for _, c := range calls {
+			if strings.HasPrefix(c.group, "?") {
+				t.Errorf("%s: unknown API group accessor %s: add it to groupOf", c.at, c.group[1:])
+				continue
+			}
+			vs := c.verbs
+			if len(vs) == 0 {
+				vs = []string{"get"} // the resource at least; its verbs are not visible here
+			}
+			for _, v := range vs {
+				if !allows(role.Rules, c.group, c.resource, v) {
+					t.Errorf("%s: %s may %s %s.%s, which its Role %s does not grant", c.at, bin.pkg, v, c.resource, c.group, bin.role)
+				}
 			}
 		}
 	}

@@ -100,7 +100,7 @@ func (o *Options) undo() string {
 
 // staged holds every file the install writes, as it will be.
 type staged struct {
-	binary, unit, socket, cacheCA, hosts, dropin, rootConfig []byte
+	binary, unit, socket, cacheCA, kubeconfig, hosts, dropin, rootConfig []byte
 }
 
 // stage reads and checks everything and builds every file; it changes nothing.
@@ -189,6 +189,12 @@ func (in *installer) stage(ctx context.Context) (*staged, error) {
 		}
 		s.cacheCA = b
 		in.say("--cache-ca: %d CA certificate(s) from %s", n, in.CacheCA)
+	}
+	if in.KubeTokenFile != "" {
+		if s.kubeconfig, err = in.podKubeconfig(); err != nil {
+			return nil, err
+		}
+		in.say("--caches-from-endpointslices %s: cove-node reads the API with %s (token %s)", in.CachesFrom, KubeconfigPath, in.KubeTokenFile)
 	}
 	if s.binary, err = os.ReadFile(in.Binary); err != nil {
 		return nil, fmt.Errorf("--binary '%s': %v", in.Binary, err)
@@ -316,6 +322,13 @@ func (in *installer) apply(s *staged) error {
 			return err
 		}
 	} else if err := t.takeOut("cacheca", CacheCAPath, "no --cache-ca"); err != nil {
+		return err
+	}
+	if s.kubeconfig != nil {
+		if err := t.put("kubeconfig", KubeconfigPath, s.kubeconfig, 0o600); err != nil {
+			return err
+		}
+	} else if err := t.takeOut("kubeconfig", KubeconfigPath, "no --kube-token-file"); err != nil {
 		return err
 	}
 	for _, f := range []struct {

@@ -84,12 +84,19 @@ type Options struct {
 	// ContentHook also makes cove-node containerd's content store and differ.
 	ContentHook bool
 	// Binary is the cove-node binary to install.
-	Binary    string
-	Caches    []string
-	CacheCA   string // PEM bundle for https caches ("" none)
-	Addr      string
-	PlainHTTP []string
-	HostsDir  string
+	Binary  string
+	Caches  []string
+	CacheCA string // PEM bundle for https caches ("" none)
+	// CachesFrom is NAMESPACE/SERVICE for cove-node's --caches-from-endpointslices ("" none)
+	// and CachesPortName its --caches-port-name; cove-node reads the API with Kubeconfig
+	// (a node path), or with the kubeconfig the install writes for KubeTokenFile (a node
+	// path; the API server's CA read from KubeCAFile, in the pod). See caches.go.
+	CachesFrom, CachesPortName string
+	Kubeconfig, KubeTokenFile  string
+	KubeCAFile                 string
+	Addr                       string
+	PlainHTTP                  []string
+	HostsDir                   string
 	// ContainerdConfig is containerd's root config; ContainerdBin the binary that checks
 	// the result ("" finds one).
 	ContainerdConfig string
@@ -223,6 +230,9 @@ func (o *Options) Validate() error {
 			return usagef("--cache '%s': want http(s)://HOST[:PORT]", c)
 		}
 		https = https || strings.HasPrefix(c, "https://")
+	}
+	if err := o.validateCachesFrom(); err != nil {
+		return err
 	}
 	m := loopback.FindStringSubmatch(o.Addr)
 	if m == nil {

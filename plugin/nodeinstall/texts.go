@@ -17,6 +17,13 @@ func (o *Options) unitFile(ctdRoot, ctdAddress string) string {
 	if o.CacheCA != "" {
 		args = append(args, "--cache-ca", o.Conf(CacheCAPath))
 	}
+	if o.CachesFrom != "" {
+		args = append(args, "--caches-from-endpointslices", o.CachesFrom)
+		if o.CachesPortName != "" {
+			args = append(args, "--caches-port-name", o.CachesPortName)
+		}
+		args = append(args, "--kubeconfig", o.kubeconfigArg())
+	}
 	args = append(args, "--root", o.Conf(StateDir))
 	for _, h := range o.PlainHTTP {
 		args = append(args, "--origin-plain-http", h)
