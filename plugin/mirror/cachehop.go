@@ -191,8 +191,15 @@ func (h *Handler) streamFromCache(w http.ResponseWriter, r *http.Request, req *r
 		h.log.Warn("cove-cache broke off a body of unknown length", "cache", ep.base, "path", r.URL.Path, "error", cause)
 		panic(http.ErrAbortHandler)
 	}
-	h.log.Warn("cove-cache broke off a blob: resuming from the origin", "cache", ep.base, "path", r.URL.Path, "sent", sent, "error", cause)
-	if err := h.resume(w, r, req, start+sent, end); err != nil {
+	h.log.Warn("cove-cache broke off a blob: resuming from the next cache or the origin", "cache", ep.base, "path", r.URL.Path, "sent", sent, "error", cause)
+	more, done := h.resumeFromCaches(w, r, req, ep, start+sent, end)
+	if done {
+		if r.Context().Err() == nil {
+			h.cfg.Observe("cache", "", true)
+		}
+		return
+	}
+	if err := h.resume(w, r, req, start+sent+more, end); err != nil {
 		h.log.Warn("resuming from the origin failed", "path", r.URL.Path, "error", err)
 		panic(http.ErrAbortHandler)
 	}

@@ -297,3 +297,31 @@ func TestCachesFollowMembers(t *testing.T) {
 		t.Fatalf("members gone: %d requests to the --cache URL, want 1", service.count(d))
 	}
 }
+
+// The owner breaks a blob off mid-body and hangs: the node finishes it from the next
+// cache in the blob's rank with a Range request (that replica takes the dead owner's
+// blobs over, for every node), not from the origin, and containerd gets one whole body.
+func TestResumeFromNextCacheInRank(t *testing.T) {
+	origin := peers.StartRegistry(t)
+	img := peers.PushRandomImage(t, origin.Addr, "team/next:v1", 1, 1<<20)
+	d := img.Layers[0]
+	real := startCache(t, origin.Addr)
+	next := startCountedCache(t, origin.Addr)
+	var stalling string
+	for range 64 { // a stalling cache that owns d against next
+		stalling = stallingCache(t, real.URL, 256<<10)
+		if cluster.Owner([]string{memberURL(t, stalling), memberURL(t, next.URL)}, d) == memberURL(t, stalling) {
+			break
+		}
+	}
+	m, obs := startMirror(t, fastConfig(next.URL, stalling), origin.Addr)
+	if got, _ := getBlob(t, m.URL, origin.Addr, "team/next", d); got != d {
+		t.Fatalf("got %s", got)
+	}
+	if n := next.count(d); n != 1 {
+		t.Errorf("%d requests to the next cache in rank, want 1 (the resume)", n)
+	}
+	if obs.get("cache/resumed") != 1 || obs.counts["origin/stall/resumed"] != 0 {
+		t.Errorf("served %v, want the blob finished from the next cache", obs.counts)
+	}
+}

@@ -1,10 +1,12 @@
 package mirror
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 
 	"github.com/cove-oci/cove/proxy/httpx"
 	"github.com/cove-oci/cove/proxy/route"
@@ -90,4 +92,60 @@ func (h *Handler) serveOrigin(w http.ResponseWriter, r *http.Request, req *route
 		panic(http.ErrAbortHandler)
 	}
 	h.cfg.Observe("origin", reason, false)
+}
+
+// resumeFromCaches sends bytes [from, end] of a blob the cache broken broke off, from the
+// next caches in the blob's rank (a replica that died mid-body: the next in rank takes
+// its blobs over, fills once for every node, and stores it), each within the bounds of
+// any request to a cache (roundTrip, watchStall). It returns how many bytes it sent and
+// whether the client is answered (or gone); otherwise the caller finishes from the origin
+// at from+sent.
+func (h *Handler) resumeFromCaches(w http.ResponseWriter, r *http.Request, req *route.Request, broken *cacheEndpoint, from, end int64) (sent int64, done bool) {
+	u := r.URL.EscapedPath()
+	if r.URL.RawQuery != "" {
+		u += "?" + r.URL.RawQuery
+	}
+	for _, ep := range h.cachesFor(req) {
+		if ep == broken || !ep.breaker.Allow() {
+			continue
+		}
+		header := httpx.OriginRequestHeaders(r.Header)
+		header.Set("Range", "bytes="+strconv.FormatInt(from, 10)+"-"+strconv.FormatInt(end, 10))
+		resp, ctx, cancel, why := h.roundTrip(r.Context(), ep, http.MethodGet, ep.base+u, header, r.URL.Path)
+		switch why {
+		case "":
+		case gone:
+			return sent, true
+		default:
+			continue
+		}
+		var s, e, size int64
+		if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-%d/%d", &s, &e, &size); resp.StatusCode != http.StatusPartialContent || err != nil || s != from || e != end {
+			h.log.Warn("cove-cache answered a resume with another range", "cache", ep.base, "path", r.URL.Path, "status", resp.StatusCode, "content_range", resp.Header.Get("Content-Range"))
+			resp.Body.Close()
+			cancel(nil)
+			continue
+		}
+		var progress atomic.Int64
+		stop := h.watchStall(r.Context(), ep, &progress, cancel)
+		n, readErr, writeErr := copyCounting(w, io.LimitReader(resp.Body, end-from+1), &progress)
+		stop()
+		resp.Body.Close()
+		cause := context.Cause(ctx)
+		cancel(nil)
+		sent, from = sent+n, from+n
+		if writeErr != nil || r.Context().Err() != nil {
+			return sent, true // containerd left
+		}
+		if readErr == nil && from > end {
+			h.log.Info("finished a blob from the next cove-cache", "cache", ep.base, "path", r.URL.Path, "bytes", n)
+			return sent, true
+		}
+		if cause == nil {
+			cause = readErr
+		}
+		ep.breaker.Failure()
+		h.log.Warn("cove-cache broke off a resumed blob", "cache", ep.base, "path", r.URL.Path, "error", cause)
+	}
+	return sent, false
 }

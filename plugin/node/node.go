@@ -253,7 +253,7 @@ func newMetrics() *metrics {
 		}, []string{"served_by", "reason"}),
 		resumes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cove_node_resumes_total",
-			Help: "Blobs cove-cache broke off that were finished from the origin with a Range request.",
+			Help: "Blobs cove-cache broke off that were finished with a Range request: from the next cove-cache in the blob's rank (served_by cache in cove_node_requests_total), else from the origin.",
 		}),
 	}
 	m.around = prometheus.NewCounterVec(prometheus.CounterOpts{
