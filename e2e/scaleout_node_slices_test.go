@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -17,11 +19,15 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	discoveryv1client "k8s.io/client-go/kubernetes/typed/discovery/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/cove-oci/cove/internal/peers"
 )
 
-// cove-node started with --caches-from-endpointslices follows the cove-cache Service's
+// cove-node started with --caches-from-endpointslices, reading the API with a kubeconfig
+// that names a token file (as the one the DaemonSet's install writes), follows the cove-cache Service's
 // ready endpoints on a real kube-apiserver, read with a ServiceAccount granted only
 // get/list/watch on endpointslices: its cache list (cove_node_cache_up) is the --cache
 // URL alone while the Service has no endpoint, then the members as they join and leave
@@ -47,7 +53,7 @@ func TestScaleOutNodeEndpointSlices(t *testing.T) {
 		return peers.StartCoveNode(t, []string{service.URL}, "--origin-plain-http", origin.Addr,
 			"--caches-from-endpointslices", ns+"/"+svc, "--kubeconfig", kubeconfig)
 	}
-	node := start(kube.WriteKubeconfig(t, granted))
+	node := start(tokenFileKubeconfig(t, granted))
 
 	admin := kube.AdminClient(t).DiscoveryV1().EndpointSlices(ns)
 	ctx := context.Background()
@@ -176,4 +182,25 @@ func waitCacheListWithin(t *testing.T, within time.Duration, n *peers.CoveNode, 
 		}
 	}
 	t.Fatalf("cove-node's caches %q, want %q\n%s", got, want, s3LogTail(n.LogPath))
+}
+
+// tokenFileKubeconfig writes cfg's token to a file and a kubeconfig that names that file
+// (tokenFile), the form cove-node install --kube-token-file writes for the DaemonSet.
+func tokenFileKubeconfig(t *testing.T, cfg *rest.Config) string {
+	t.Helper()
+	dir := t.TempDir()
+	token := filepath.Join(dir, "token")
+	if err := os.WriteFile(token, []byte(cfg.BearerToken), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos["u"] = &clientcmdapi.AuthInfo{TokenFile: token}
+	kc.Contexts["c"] = &clientcmdapi.Context{Cluster: "c", AuthInfo: "u"}
+	kc.CurrentContext = "c"
+	path := filepath.Join(dir, "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
