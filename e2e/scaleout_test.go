@@ -159,10 +159,11 @@ func TestScaleOutColdPullOneOriginFetch(t *testing.T) {
 }
 
 // kill -9 of the replica that owns a layer while three nodes pull a cold image through
-// cove-nodes spread over the three replicas (each node's cove-node lists them in another
-// order), from a slow origin: every pull completes with the right digests, the other
-// replicas route around the dead owner, nothing corrupt is in the bucket, and a warm
-// pull through a survivor costs the origin no blob.
+// cove-nodes given the three replicas (each lists them in another order; they send each
+// blob to its owner, and finish what the dead owner broke off from the next in rank),
+// from a slow origin: every pull completes with the right digests, the other replicas
+// route around the dead owner, nothing corrupt is in the bucket, and a warm pull through
+// a survivor costs the origin no blob.
 func TestScaleOutKillOwnerDuringColdPull(t *testing.T) {
 	ctx := testCtx(t)
 	registry := peers.StartRegistry(t)
