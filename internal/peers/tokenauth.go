@@ -58,6 +58,11 @@ type TokenService struct {
 	Service, Issuer string
 	// CertBundle is the PEM file of the signing certificate (rootcertbundle).
 	CertBundle string
+	// Lifetime is a token's exp less its iat (and its expires_in, at least 0); zero is
+	// 5 minutes. It may be negative: distribution accepts a token until RegistryTokenLeeway
+	// after its exp, so a token a registry refuses 3 s after it was issued has Lifetime
+	// 3s - RegistryTokenLeeway (see AcceptedFor). Set it before the first token request.
+	Lifetime time.Duration
 
 	key     *ecdsa.PrivateKey
 	certDER []byte
@@ -66,6 +71,19 @@ type TokenService struct {
 
 	mu     sync.Mutex
 	issued []TokenIssue
+}
+
+// RegistryTokenLeeway is the clock skew distribution v3 allows a token past its exp
+// (registry/auth/token, Leeway: fixed, not configurable).
+const RegistryTokenLeeway = 60 * time.Second
+
+// AcceptedFor makes the tokens issued from now on ones a distribution registry accepts for
+// d after they are issued, and refuses after (401): their exp is d - RegistryTokenLeeway
+// from issue. Tests of fills that outlive their credential use seconds.
+func (s *TokenService) AcceptedFor(d time.Duration) {
+	s.mu.Lock()
+	s.Lifetime = d - RegistryTokenLeeway
+	s.mu.Unlock()
 }
 
 // TokenIssue is one token request the service answered, as a test wants to see it.
@@ -220,13 +238,19 @@ func (s *TokenService) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	now := time.Now()
+	s.mu.Lock()
+	life := s.Lifetime
+	s.mu.Unlock()
+	if life == 0 {
+		life = 5 * time.Minute
+	}
 	var jti [16]byte
 	_, _ = crand.Read(jti[:])
 	claims := map[string]any{
 		"iss":    s.Issuer,
 		"sub":    issue.User,
 		"aud":    s.Service,
-		"exp":    now.Add(5 * time.Minute).Unix(),
+		"exp":    now.Add(life).Unix(),
 		"nbf":    now.Add(-time.Second).Unix(),
 		"iat":    now.Unix(),
 		"jti":    fmt.Sprintf("%x", jti),
@@ -243,7 +267,7 @@ func (s *TokenService) serve(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(map[string]any{
 		"token":        tok,
 		"access_token": tok,
-		"expires_in":   300,
+		"expires_in":   int(max(life, 0).Round(time.Second) / time.Second),
 		"issued_at":    now.UTC().Format(time.RFC3339),
 	})
 }

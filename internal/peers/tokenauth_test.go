@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The fixture against a real distribution v3 registry: the admin pushes, each user reads
@@ -69,5 +70,52 @@ func TestParseBearerChallenge(t *testing.T) {
 	}
 	if _, ok := ParseBearerChallenge(`Basic realm="x"`); ok {
 		t.Fatal("Basic parsed as Bearer")
+	}
+}
+
+// AcceptedFor: a token is good until its exp plus distribution's leeway, and the registry
+// refuses it after, on a ranged blob GET as on any other (what a fill's later range
+// requests meet).
+func TestTokenServiceLifetime(t *testing.T) {
+	t.Parallel()
+	ts := StartTokenService(t, map[string]string{TokenAdmin: "admin-pw", "team-a": "a-pw"})
+	const accepted = 2 * time.Second
+	ts.AcceptedFor(accepted)
+	reg := StartRegistry(t, WithTokenAuth(ts))
+	a := PushRandomImage(t, reg.Addr, "team-a/app:v1", 1, 4096, WithPushAuth(TokenAdmin, "admin-pw"))
+	u := reg.URL + "/v2/team-a/app/blobs/" + a.Layers[0]
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	tok, err := FetchToken(resp.Header.Get("WWW-Authenticate"), "team-a", "a-pw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	issued := time.Now()
+	ranged := func() (int, string) {
+		req, _ := http.NewRequest(http.MethodGet, u, nil)
+		req.Header.Set("Authorization", "Bearer "+tok)
+		req.Header.Set("Range", "bytes=100-199")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("WWW-Authenticate")
+	}
+	if st, _ := ranged(); st != http.StatusPartialContent {
+		t.Fatalf("ranged GET with a fresh token: %d, want 206", st)
+	}
+	// exp has a granularity of a second: wait past it by one more.
+	time.Sleep(time.Until(issued.Add(accepted + 1500*time.Millisecond)))
+	st, challenge := ranged()
+	if st != http.StatusUnauthorized {
+		t.Fatalf("ranged GET with an expired token: %d, want 401", st)
+	}
+	t.Logf("expired token on a ranged blob GET: %d, WWW-Authenticate %q", st, challenge)
+	if !strings.Contains(challenge, "Bearer realm=") {
+		t.Fatalf("challenge %q is not a Bearer challenge", challenge)
 	}
 }
