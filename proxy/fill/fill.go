@@ -86,6 +86,9 @@ type Manager struct {
 	events       Events
 	health       health
 	ranges       rangePolicy // parallel ranged fills (parallel.go)
+	// credentialWait: how long a fill whose credentials were all refused waits for a
+	// fresh one (handover.go).
+	credentialWait time.Duration
 
 	mu    sync.Mutex
 	fills map[Key]*Fill
@@ -147,16 +150,17 @@ func NewManager(dir string, commit CommitFunc, opts ...Option) (*Manager, error)
 		return nil, fmt.Errorf("create spool directory: %w", err)
 	}
 	m := &Manager{
-		dir:          dir,
-		commit:       commit,
-		stallTimeout: 30 * time.Second,
-		bufSize:      4 << 20,
-		window:       4 << 20,
-		lag:          2 * time.Second,
-		log:          slog.Default(),
-		ranges:       defaultRanges,
-		fills:        map[Key]*Fill{},
-		stored:       map[Key]time.Time{},
+		dir:            dir,
+		commit:         commit,
+		stallTimeout:   30 * time.Second,
+		bufSize:        4 << 20,
+		window:         4 << 20,
+		lag:            2 * time.Second,
+		log:            slog.Default(),
+		ranges:         defaultRanges,
+		credentialWait: defaultCredentialWait,
+		fills:          map[Key]*Fill{},
+		stored:         map[Key]time.Time{},
 	}
 	for _, o := range opts {
 		o(m)
@@ -284,9 +288,11 @@ type Fill struct {
 	waiting  bool                 // the fill waits for readers to move
 	progress chan struct{}        // closed when a reader moves while the fill waits
 
-	par      *parallel // set while the blob is fetched in ranges (parallel.go)
-	fetchers []fetcher // the credentials that may carry the fill on (handover.go)
-	cur      int       // the fetcher origin requests use now
+	par       *parallel // set while the blob is fetched in ranges (parallel.go)
+	fetchers  []fetcher // the credentials that may carry the fill on (handover.go)
+	cur       int       // the fetcher origin requests use now
+	starving  bool      // every fetcher was refused: the fill waits for a fresh one
+	starveGen int       // waits begun: a reader made before the current one is cut off
 }
 
 // Release drops the caller's reference; the spool is closed when the last one goes.

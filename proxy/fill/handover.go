@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"time"
 
 	"github.com/containerd/errdefs"
 )
@@ -14,10 +15,17 @@ import (
 // a blob of tens of GB takes longer. Every caller that joins a fill passes its own
 // FetchFunc (its credential, its repository); the fill keeps the most recent few. When
 // an origin request after the first (a resume, a ranged segment) is refused (401, 403,
-// or 404: see refusal), the fill asks again with the credential of another caller that joined it; when
-// none is left it ends with an error, so each client's transfer breaks and the client
-// resumes with a Range request of its own, which starts a fresh fill with its fresh
-// credential. The first request's refusal is not handed over: it is the starting
+// or 404: see refusal), the fill asks again with the credential of another caller that joined it.
+//
+// When none is left, the fill waits for a fresh one (WithCredentialWait): it cuts off
+// every client reading it when that client has read all there is (ErrCredentialWait),
+// since a client cannot change its credential in the middle of a response; each client
+// resumes with a Range request and, its token refreshed, joins the same fill, whose
+// requests go on with that credential from the bytes the fill has. Starting a fresh
+// fill instead would fetch the blob from its first byte again with a credential that
+// expires as soon, and a blob that takes longer than a token lasts would never be
+// whole. A fill nobody comes back to within the wait ends with an error: nothing is
+// stored. The first request's refusal is not handed over: it is the starting
 // client's answer, relayed to it (see Response).
 //
 // Handing over is safe for what is stored: the bytes are the digest's whatever
@@ -30,6 +38,22 @@ const maxFetchers = 8
 
 // errCredential marks an origin refusal of every credential a fill holds.
 var errCredential = errors.New("origin refused the fill's credentials")
+
+// ErrCredentialWait ends a client's read of a fill whose every credential the origin
+// refused: the fill waits for the client to come back with a fresh one (a Range request
+// from the byte it has). It wraps errdefs.ErrUnauthenticated.
+var ErrCredentialWait = fmt.Errorf("fill waits for a fresh credential: resume: %w", errdefs.ErrUnauthenticated)
+
+// defaultCredentialWait is how long a fill whose every credential was refused waits for
+// a client to bring a fresh one: containerd and cove-node resume at once.
+const defaultCredentialWait = 30 * time.Second
+
+// WithCredentialWait sets how long a fill whose every credential the origin refused
+// mid-fill waits for a client to come back with a fresh one before it ends (default
+// 30 s; 0: it ends at once).
+func WithCredentialWait(d time.Duration) Option {
+	return func(m *Manager) { m.credentialWait = max(d, 0) }
+}
 
 // fetcher is one joiner's way to ask the origin.
 type fetcher struct {
@@ -68,6 +92,9 @@ func (f *Fill) addFetcher(owner string, fetch FetchFunc) {
 		}
 	}
 	f.fetchers = append(f.fetchers, fetcher{owner: owner, fetch: fetch})
+	if f.starving {
+		f.notify() // awaitCredential has one to try
+	}
 }
 
 // handOver marks fetcher i refused and moves the fill to the newest one not refused.
@@ -108,7 +135,7 @@ func (f *Fill) originFetch(ctx context.Context, from, to int64) (*http.Response,
 		}
 		_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
 		res.Body.Close()
-		if !f.handOver(i, res.StatusCode) {
+		if !f.handOver(i, res.StatusCode) && !f.awaitCredential(ctx) {
 			var class error = errdefs.ErrUnauthenticated
 			switch res.StatusCode {
 			case http.StatusForbidden:
@@ -130,4 +157,50 @@ func (f *Fill) originFetch(ctx context.Context, from, to int64) (*http.Response,
 // the server after joining) is thus passed over, not taken for the blob's absence.
 func refusal(status int) bool {
 	return status == http.StatusUnauthorized || status == http.StatusForbidden || status == http.StatusNotFound
+}
+
+// awaitCredential waits, once every credential of the fill was refused, for a client to
+// join with a fresh one (WithCredentialWait), and makes it the current one. Readers that
+// were reading when the wait began are cut off when they have read all there is (see
+// reader.next), so their clients resume with fresh credentials. It reports whether
+// there is one to try; f.mu must not be held.
+func (f *Fill) awaitCredential(ctx context.Context) bool {
+	wait := f.m.credentialWait
+	if wait <= 0 {
+		return false
+	}
+	f.mu.Lock()
+	if !f.starving {
+		f.starving = true
+		f.starveGen++
+		f.notify()
+		f.m.log.Info("origin refused every credential of a fill mid-fill: cutting its clients off to resume with fresh ones",
+			"registry", f.Key.Registry, "digest", f.Key.Digest, "at", f.received, "wait", wait)
+	}
+	f.mu.Unlock()
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		f.mu.Lock()
+		for j := len(f.fetchers) - 1; j >= 0; j-- {
+			if !f.fetchers[j].refused {
+				f.cur = j
+				f.starving = false
+				f.notify()
+				f.mu.Unlock()
+				f.m.log.Info("a client came back with a fresh credential: the fill goes on",
+					"registry", f.Key.Registry, "digest", f.Key.Digest)
+				return true
+			}
+		}
+		ch := f.changed
+		f.mu.Unlock()
+		select {
+		case <-ch:
+		case <-t.C:
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	}
 }

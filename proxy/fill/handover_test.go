@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strconv"
@@ -160,28 +161,89 @@ func TestHandoverSingleStreamResume(t *testing.T) {
 	}
 }
 
-// Attack: a fill whose only credential expires mid-fill ends with an error (its
-// clients' transfers break and they resume), stores nothing, and does not hang.
+// Attack: a fill whose only credential expires mid-fill cuts its client off (never a
+// clean end), and, when nobody comes back with a fresh credential within the wait, ends
+// with an error, stores nothing, and does not hang.
 func TestHandoverNoOtherCredentialEndsFill(t *testing.T) {
 	body := randomBytes(t, 6<<20)
 	gate := make(chan struct{})
 	o := expiringOrigin(t, body, gate, 0)
-	m, c, dir := newManager(t, parallelOpts(3)...)
+	m, c, dir := newManager(t, append(parallelOpts(3), WithCredentialWait(300*time.Millisecond))...)
 	key := Key{"r", digest.FromBytes(body)}
 	f, _ := m.Join(key, "a", getAs(o.URL, "A"))
 	openGate(gate)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	got, err := io.ReadAll(f.NewReader(ctx, 0, -1))
+	if !errors.Is(err, ErrCredentialWait) || !errdefs.IsUnauthorized(err) || len(got) >= len(body) {
+		t.Fatalf("read %d bytes, err %v; want a cut (ErrCredentialWait, unauthenticated)", len(got), err)
+	}
+	// A reader made now, after the wait began, is not cut off by it: it sees the end.
+	_, err = io.ReadAll(f.NewReader(ctx, int64(len(got)), -1))
 	f.Release()
 	if !errors.Is(err, ErrFailed) || !errdefs.IsUnauthorized(err) {
-		t.Fatalf("read %d bytes, err %v; want ErrFailed, unauthenticated", len(got), err)
+		t.Fatalf("a reader after the cut: err %v; want the fill's end (ErrFailed, unauthenticated)", err)
 	}
 	waitGone(t, m)
 	if _, ok := c.get(key.Digest); ok {
 		t.Fatal("stored a blob whose fill failed")
 	}
 	assertSpoolEmpty(t, dir)
+}
+
+// A fill whose only credential expires mid-fill waits; its client, cut off, comes back
+// with a fresh credential and a Range request from the byte it has, joins the same
+// fill, and gets the rest: the fill goes on from where it was (no byte asked twice),
+// and stores the blob.
+func TestHandoverClientResumesWithFreshCredential(t *testing.T) {
+	body := randomBytes(t, 6<<20)
+	gate := make(chan struct{})
+	o := expiringOrigin(t, body, gate, 0)
+	m, c, _ := newManager(t, parallelOpts(3)...)
+	key := Key{"r", digest.FromBytes(body)}
+	f, started := m.Join(key, "a", getAs(o.URL, "A"))
+	openGate(gate)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	first, err := io.ReadAll(f.NewReader(ctx, 0, -1))
+	f.Release()
+	if !errors.Is(err, ErrCredentialWait) {
+		t.Fatalf("read %d bytes, err %v; want a cut (ErrCredentialWait)", len(first), err)
+	}
+	// The same client, its token refreshed ("B" here), resumes.
+	g, joined := m.JoinAt(key, "a-fresh", int64(len(first)), getAs(o.URL, "B"))
+	if g == nil || !started || joined {
+		t.Fatal("the resume did not join the waiting fill")
+	}
+	rest, err := io.ReadAll(g.NewReader(ctx, int64(len(first)), -1))
+	g.Release()
+	if err != nil || !bytes.Equal(append(first, rest...), body) {
+		t.Fatalf("resumed read: %d+%d bytes, err %v", len(first), len(rest), err)
+	}
+	waitGone(t, m)
+	if stored, ok := c.get(key.Digest); !ok || !bytes.Equal(stored, body) {
+		t.Fatal("not stored whole")
+	}
+	// B never asked for the whole body, nor for a byte twice.
+	var asked [][2]int64
+	for _, q := range o.requests() {
+		if q.auth != "B" {
+			continue
+		}
+		var lo, hi int64
+		if _, err := fmt.Sscanf(q.rng, "bytes=%d-%d", &lo, &hi); err != nil {
+			t.Fatalf("B asked %q: %v", q.rng, err)
+		}
+		for _, a := range asked {
+			if lo <= a[1] && a[0] <= hi {
+				t.Fatalf("B asked bytes %d-%d and %d-%d: %v", lo, hi, a[0], a[1], o.requests())
+			}
+		}
+		asked = append(asked, [2]int64{lo, hi})
+	}
+	if len(asked) == 0 {
+		t.Fatal("B was never asked: the fill did not go on with the fresh credential")
+	}
 }
 
 // The fill keeps at most maxFetchers credentials, one per owner, and never drops the

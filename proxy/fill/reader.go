@@ -24,6 +24,7 @@ func (f *Fill) newReader(ctx context.Context, off, n int64, bounded bool) *reade
 	}
 	r := &reader{f: f, ctx: ctx, off: off, end: end, bounded: bounded}
 	f.mu.Lock()
+	r.gen = f.starveGen
 	f.readers[r] = struct{}{}
 	f.unhold(off)
 	f.moved()
@@ -42,6 +43,7 @@ type reader struct {
 	off, end int64
 	cut      bool // fell behind a pass-through window (guarded by f.mu)
 	bounded  bool // a range a client asked for (NewRangeReader)
+	gen      int  // the fill's starveGen when made (guarded by f.mu)
 
 	stop     func() bool
 	doneOnce sync.Once
@@ -95,6 +97,11 @@ func (r *reader) next(p []byte) (src source, spoolEnd int64, file *os.File, n in
 		}
 		if f.verified {
 			return atEnd, 0, nil, 0, nil
+		}
+		if f.starving && r.gen < f.starveGen {
+			// Its client's credential may be the one that expired: it comes back with a
+			// fresh one (handover.go).
+			return 0, 0, nil, 0, fmt.Errorf("%w: at byte %d of %s", ErrCredentialWait, r.off, f.Key.Digest)
 		}
 		f.wantAhead(r.off) // a fill fetched in ranges fetches them at once (ahead.go)
 		ch := f.changed

@@ -318,7 +318,9 @@ func (s *Server) streamFill(w http.ResponseWriter, r *http.Request, req *route.R
 	n, err := io.Copy(w, rd)
 	s.metrics.Sent(req.Registry, "fill", n)
 	if err != nil {
-		if errors.Is(err, fill.ErrBehind) {
+		if errors.Is(err, fill.ErrCredentialWait) {
+			s.log.Info("fill's credentials expired: client cut off to resume with a fresh one", "registry", req.Registry, "digest", req.Digest, "sent", n)
+		} else if errors.Is(err, fill.ErrBehind) {
 			s.log.Debug("client fell behind a pass-through fill: cut off to resume", "registry", req.Registry, "digest", req.Digest, "sent", n)
 		} else if errors.Is(err, fill.ErrFailed) {
 			s.log.Warn("fill failed while streaming to a client", "registry", req.Registry, "digest", req.Digest, "sent", n, "error", err)
