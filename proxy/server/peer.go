@@ -60,6 +60,7 @@ type peering struct {
 	client  *http.Client
 	fills   *fill.Manager
 	metrics *peerMetrics
+	uploads *http.Client // to replicas holding upload sessions (peer_upload.go)
 
 	mu       sync.Mutex
 	origined map[fill.Key]bool // peer fills whose bytes came from the origin: this replica stores them
@@ -117,6 +118,8 @@ func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Du
 		return err
 	}
 	s.peers = p
+	p.uploads = uploadPeerClient(transport)
+	s.uploads.holder = cluster.MemberID(self) // handles name this replica (peer_upload.go)
 	return nil
 }
 

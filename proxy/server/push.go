@@ -215,6 +215,9 @@ func (s *Server) mountSource(req *route.Request, from string) (string, bool) {
 // chunk, if any, and the digest), GET (status), DELETE (cancel).
 func (s *Server) continueUpload(w http.ResponseWriter, r *http.Request, req *route.Request) {
 	sess := s.uploads.get(req.Upload, req.Registry, req.Repository)
+	if sess == nil && s.forwardUpload(w, r, req) {
+		return // another replica holds it (peer_upload.go)
+	}
 	if sess == nil {
 		s.metrics.Request("upload", metrics.ResultInvalid)
 		httpx.WriteError(w, http.StatusNotFound, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to cove-cache")

@@ -26,6 +26,9 @@ import (
 // therefore chooses neither host nor path: a handle it made up, or one of another
 // registry or repository, is 404 BLOB_UPLOAD_UNKNOWN and nothing is sent anywhere.
 //
+// With replicas (peer_upload.go), a handle starts with the MemberID of the replica that
+// holds its session, and another replica a request reaches forwards it there.
+//
 // Each session spools the bytes it forwards to a file of its own (its chunks appended in
 // order, digested on the way), so a blob pushed in several PATCH requests is assembled
 // on disk; the blob is stored only after the origin's 201 and a matching digest.
@@ -62,6 +65,7 @@ type uploadTable struct {
 	maxAge   time.Duration
 	dir      string
 	now      func() time.Time
+	holder   string // this replica's cluster.MemberID, the prefix of its handles ("" alone)
 }
 
 func newUploadTable(dir string, max int, maxAge time.Duration) (*uploadTable, error) {
@@ -82,7 +86,7 @@ func (t *uploadTable) open(registry, repository, originPath, originQuery string)
 	}
 	now := t.now()
 	s := &uploadSession{
-		handle:      base64.RawURLEncoding.EncodeToString(b[:]),
+		handle:      t.holder + base64.RawURLEncoding.EncodeToString(b[:]),
 		registry:    registry,
 		repository:  repository,
 		originPath:  originPath,
