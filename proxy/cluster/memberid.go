@@ -24,8 +24,10 @@ func (r *Ring) MemberByID(id string) (string, bool) {
 	if len(id) != MemberIDLen {
 		return "", false
 	}
-	members := r.members.Members()
-	for _, m := range append(members, r.self) {
+	if MemberID(r.self) == id {
+		return r.self, true
+	}
+	for _, m := range r.members.Members() {
 		if MemberID(m) == id {
 			return m, true
 		}
