@@ -136,6 +136,24 @@ func TestPeerUploadAttacks(t *testing.T) {
 			t.Fatalf("the origin accepted a PATCH: %+v", q)
 		}
 	}
+	// Nor did the holder's copy change: the owner completes the upload, and its blob is
+	// kept (a pull through either replica costs the origin no GET).
+	blob := randomBytes(t, 100<<10)
+	d := digest.FromBytes(blob)
+	resp, body = send(t, http.MethodPut, withQuery(at(t, rs.replicas[1], loc), "digest", d.String()), blob, mergeHeaders(auth, map[string]string{"Content-Type": "application/octet-stream"}))
+	expect(t, "the owner's PUT", resp, body, http.StatusCreated)
+	for _, c := range rs.replicas {
+		c.settle(t)
+	}
+	gets := reg.BlobGETs()[d.String()]
+	for i, c := range rs.replicas {
+		if _, got := mustGet(t, c.url(reg.Addr, "/v2/team-a/app/blobs/"+d.String()), auth, 200); !bytes.Equal(got, blob) {
+			t.Fatalf("wrong bytes through replica %d", i)
+		}
+	}
+	if n := reg.BlobGETs()[d.String()]; n != gets {
+		t.Fatalf("the upload the attacks were sent to was not kept: %d origin GETs", n-gets)
+	}
 }
 
 func mergeHeaders(hs ...map[string]string) map[string]string {

@@ -229,11 +229,13 @@ func (s *Server) continueUpload(w http.ResponseWriter, r *http.Request, req *rou
 	var length int64
 	rawQuery := sess.originQuery
 	want, complete := digest.Digest(""), false
+	var mark int64 // the spool's end before this request's chunk
 	switch r.Method {
 	case http.MethodPatch, http.MethodPut:
 		body, length = bodyOf(r)
 		if body != nil {
-			body = sess.spool.tee(body, chunkStart(r.Header.Get("Content-Range"), sess.spool.end()))
+			mark = sess.spool.end()
+			body = sess.spool.tee(body, chunkStart(r.Header.Get("Content-Range"), mark))
 		}
 		if r.Method == http.MethodPut {
 			if want, complete = wantDigest(req.Query); complete {
@@ -284,8 +286,10 @@ func (s *Server) continueUpload(w http.ResponseWriter, r *http.Request, req *rou
 		relayPush(w, r, resp, uploadLocation(req.Name, sess.handle, clientNS(req)))
 		return
 	default:
-		if body != nil {
-			sess.spool.drop() // the origin refused what was sent: the spool no longer mirrors it
+		if body != nil && status >= 400 && status < 500 {
+			sess.spool.rewind(mark) // refused: the origin took none of it
+		} else if body != nil {
+			sess.spool.drop() // what the origin kept of it is unknown
 		}
 	}
 	s.metrics.Request("upload", metrics.ResultForStatus(status))

@@ -33,9 +33,13 @@ type spool struct {
 	// size is the number of bytes the spool took: all in the file once paused.
 	size   int64
 	broken bool
+	// stray: the last request's chunk did not start at the spool's end, so it was not
+	// kept: the spool is dropped if the origin took it, kept if it refused it (rewind).
+	stray bool
 
 	mu     sync.Mutex   // the tee against pause: a transport may read a body after its answer
 	stream *spoolStream // the request streaming now (nil between requests)
+	last   *spoolStream // the last request's, which rewind voids
 }
 
 // spoolBuffer is the size of the write buffer of a streaming request.
@@ -47,7 +51,8 @@ func newSpool(path string) *spool {
 
 // spoolStream is one request's part of the spool: its write buffer.
 type spoolStream struct {
-	buf *bufio.Writer
+	buf  *bufio.Writer
+	void bool // its request was refused by the origin: what it reads is not kept
 }
 
 // end is the number of bytes the spool took: where the next chunk must start.
@@ -59,15 +64,19 @@ func (s *spool) end() int64 {
 
 // tee returns a reader of body that appends what is read to the spool, starting at
 // offset (the client's Content-Range start, or the spool's end when it names none). A
-// chunk that does not start at the spool's end drops the spool. Call pause when the
-// request ends.
+// chunk that does not start at the spool's end is not kept: the spool is dropped unless
+// the origin refuses the chunk (rewind). Call pause when the request ends.
 func (s *spool) tee(body io.Reader, offset int64) io.Reader {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if offset != s.size {
+	if s.stray {
 		s.dropLocked()
 	}
 	if s.broken {
+		return body
+	}
+	if offset != s.size {
+		s.stray = true
 		return body
 	}
 	if s.file == nil {
@@ -79,7 +88,7 @@ func (s *spool) tee(body io.Reader, offset int64) io.Reader {
 		s.file = f
 	}
 	st := &spoolStream{buf: bufio.NewWriterSize(s.file, spoolBuffer)}
-	s.stream = st
+	s.stream, s.last = st, st
 	return &teeReader{r: body, s: s, st: st}
 }
 
@@ -103,7 +112,7 @@ func (t *teeReader) Read(p []byte) (int, error) {
 func (s *spool) write(st *spoolStream, p []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.broken {
+	if s.broken || st.void {
 		return
 	}
 	if s.stream != st {
@@ -138,12 +147,42 @@ func (s *spool) pauseLocked() error {
 	return err
 }
 
+// rewind forgets what the last request added, which the origin refused (a 4xx: it took
+// none of it), so a chunk sent with a handle by someone the origin turns away (another
+// tenant, no credential) does not cost the upload's owner its copy. The spool goes back
+// to its size before that request (mark, from end); bytes a transport still reads from
+// that request's body are ignored. Called after pause.
+func (s *spool) rewind(mark int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stray = false
+	if s.last != nil {
+		s.last.void = true
+	}
+	if s.broken || s.size == mark {
+		return
+	}
+	if s.size < mark || s.stream != nil || s.file == nil {
+		s.dropLocked()
+		return
+	}
+	if err := s.file.Truncate(mark); err != nil {
+		s.dropLocked()
+		return
+	}
+	if _, err := s.file.Seek(mark, io.SeekStart); err != nil {
+		s.dropLocked()
+		return
+	}
+	s.size = mark
+}
+
 // agree checks the spool against the size the origin says it holds (its Range after a
 // chunk); a disagreement drops the spool.
 func (s *spool) agree(originSize int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if originSize != s.size {
+	if originSize != s.size || s.stray {
 		s.dropLocked()
 	}
 }
@@ -155,7 +194,7 @@ func (s *spool) agree(originSize int64) {
 func (s *spool) finish(want digest.Digest) (path string, size int64, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := s.pauseLocked(); err != nil || s.broken || want.Algorithm() != digest.Canonical {
+	if err := s.pauseLocked(); err != nil || s.broken || s.stray || want.Algorithm() != digest.Canonical {
 		s.dropLocked()
 		return "", 0, false
 	}

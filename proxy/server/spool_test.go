@@ -117,3 +117,50 @@ func TestPushSpoolEmptyBlob(t *testing.T) {
 		t.Fatalf("empty blob file: %v", err)
 	}
 }
+
+// A chunk the origin refused is forgotten (rewind): one at the spool's end, one that
+// starts elsewhere, and bytes a transport reads from a refused body after its answer;
+// the upload's own chunks around them make the blob.
+func TestPushSpoolRewindsRefusedChunk(t *testing.T) {
+	dir := t.TempDir()
+	blob := spoolBytes(t, 2*spoolBuffer+999)
+	junk := spoolBytes(t, spoolBuffer+1)
+	sp := newSpool(filepath.Join(dir, "rewind"))
+	forward(t, sp, blob[:1000], 0)
+
+	mark := sp.end()
+	r := sp.tee(bytes.NewReader(junk), mark) // at the end, refused
+	buf := make([]byte, 4096)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := sp.pause(); err != nil {
+		t.Fatal(err)
+	}
+	sp.rewind(mark)
+	if _, err := io.ReadAll(r); err != nil { // the straggler of the refused body
+		t.Fatal(err)
+	}
+	forward(t, sp, junk, 0) // elsewhere, refused
+	sp.rewind(mark)
+	if sp.end() != 1000 {
+		t.Fatalf("spool end %d after the refused chunks, want 1000", sp.end())
+	}
+	forward(t, sp, blob[1000:], sp.end())
+	path, size, ok := sp.finish(digest.FromBytes(blob))
+	if !ok || size != int64(len(blob)) {
+		t.Fatalf("finish: ok %v size %d", ok, size)
+	}
+	if b, err := os.ReadFile(path); err != nil || !bytes.Equal(b, blob) {
+		t.Fatalf("the spool file does not hold the blob: %v", err)
+	}
+
+	// A chunk elsewhere that the origin took (no rewind): the spool cannot follow.
+	stray := newSpool(filepath.Join(dir, "stray"))
+	forward(t, stray, blob[:1000], 0)
+	forward(t, stray, blob[2000:], 2000)
+	stray.agree(int64(len(blob)))
+	if _, _, ok := stray.finish(digest.FromBytes(blob)); ok {
+		t.Fatal("a spool that missed a chunk the origin took was kept")
+	}
+}
