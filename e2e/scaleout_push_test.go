@@ -181,33 +181,17 @@ func TestScaleOutPushAcrossReplicas(t *testing.T) {
 		loc = resp.Header.Get("Location")
 	}
 
-	// The last chunk and the digest of the first upload, at the next replica.
-	resp, body = do(http.MethodPut, urls[i%3]+loc+"&digest="+url.QueryEscape(d.String()), authA, blob[off:], "Content-Type", "application/octet-stream")
-	want(fmt.Sprintf("PUT at replica %d", i%3), resp, body, http.StatusCreated)
-	if got, _ := originGet(t, origin, "repository:team-a/big:pull", "/v2/team-a/big/blobs/"+d.String()); got != d.String() {
-		t.Fatalf("the origin's pushed blob has digest %s", got)
-	}
-	waitPushedStored(t, m, d)
-	pullHit("team-a/big", d)
-	// The attacks, on another session of team-a's, held by replica 2, sent to replica 0.
-	// (An attack on the session above would make its holder drop its copy of the blob:
-	// a chunk the origin refuses leaves the spool unable to mirror the upload, so the
-	// push goes on as a pass-through and is not kept.)
-	resp, body = do(http.MethodPost, urls[2]+"/v2/team-a/big/blobs/uploads/"+ns, authA, nil)
-	want("POST at replica 2", resp, body, http.StatusAccepted)
-	loc2 := resp.Header.Get("Location")
-	handle := loc2[strings.LastIndex(loc2, "/")+1 : strings.Index(loc2, "?")]
-	resp, body = do(http.MethodPatch, urls[2]+loc2, authA, blob[:chunk],
-		"Content-Type", "application/octet-stream", "Content-Range", "0-"+strconv.Itoa(chunk-1))
-	want("PATCH at replica 2", resp, body, http.StatusAccepted)
-	loc2 = resp.Header.Get("Location")
+	// The attacks, at replica 1, which does not hold the session (replica 0 does).
+	handle := loc[strings.LastIndex(loc, "/")+1 : strings.Index(loc, "?")]
+	resp, body = do(http.MethodGet, urls[2]+loc, authA, nil)
+	want("status GET at replica 2", resp, body, http.StatusNoContent)
 	held := resp.Header.Get("Range")
 	authB := token("team-b", "repository:team-a/big:pull,push")
 	junk := make([]byte, 1<<20)
 	_, _ = rand.Read(junk)
 	for _, a := range []struct{ who, auth string }{{"team-b", authB}, {"anonymous", ""}} {
-		resp, body = do(http.MethodPatch, urls[0]+loc2, a.auth, junk,
-			"Content-Type", "application/octet-stream", "Content-Range", strconv.Itoa(chunk)+"-"+strconv.Itoa(chunk+len(junk)-1))
+		resp, body = do(http.MethodPatch, urls[1]+loc, a.auth, junk,
+			"Content-Type", "application/octet-stream", "Content-Range", strconv.Itoa(off)+"-"+strconv.Itoa(off+len(junk)-1))
 		if resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusForbidden {
 			t.Fatalf("%s's PATCH with team-a's handle at a replica without the session: %d, want the origin's refusal: %s", a.who, resp.StatusCode, body)
 		}
@@ -216,21 +200,31 @@ func TestScaleOutPushAcrossReplicas(t *testing.T) {
 	var b [16]byte
 	_, _ = rand.Read(b[:])
 	for _, path := range []string{
-		"/v2/team-a/big/blobs/uploads/" + cluster.MemberID(urls[2]) + base64.RawURLEncoding.EncodeToString(b[:]), // forged, naming replica 2
+		"/v2/team-a/big/blobs/uploads/" + cluster.MemberID(urls[0]) + base64.RawURLEncoding.EncodeToString(b[:]), // forged, naming replica 0
 		"/v2/team-b/big/blobs/uploads/" + handle, // the real handle under another repository
 	} {
-		resp, body = do(http.MethodPatch, urls[0]+path+ns, authA, junk, "Content-Type", "application/octet-stream")
+		resp, body = do(http.MethodPatch, urls[1]+path+ns, authA, junk, "Content-Type", "application/octet-stream")
 		want("PATCH "+path, resp, body, http.StatusNotFound)
 		if !strings.Contains(string(body), "BLOB_UPLOAD_UNKNOWN") {
 			t.Fatalf("PATCH %s: %s, want BLOB_UPLOAD_UNKNOWN", path, body)
 		}
 	}
-	resp, body = do(http.MethodGet, urls[1]+loc2, authA, nil)
-	want("status GET at replica 1", resp, body, http.StatusNoContent)
+	resp, body = do(http.MethodGet, urls[2]+loc, authA, nil)
+	want("status GET at replica 2 after the attacks", resp, body, http.StatusNoContent)
 	if got := resp.Header.Get("Range"); got != held {
 		t.Fatalf("after the attacks the origin holds %q of the upload, want %q", got, held)
 	}
 
+	// The last chunk and the digest, at the next replica: the push is whole at the
+	// origin, and kept (the attacks cost its holder nothing): pulls through any replica
+	// are hits.
+	resp, body = do(http.MethodPut, urls[i%3]+loc+"&digest="+url.QueryEscape(d.String()), authA, blob[off:], "Content-Type", "application/octet-stream")
+	want(fmt.Sprintf("PUT at replica %d", i%3), resp, body, http.StatusCreated)
+	if got, _ := originGet(t, origin, "repository:team-a/big:pull", "/v2/team-a/big/blobs/"+d.String()); got != d.String() {
+		t.Fatalf("the origin's pushed blob has digest %s", got)
+	}
+	waitPushedStored(t, m, d)
+	pullHit("team-a/big", d)
 	checkBucketBlobs(t, t.Context(), m)
 }
 
