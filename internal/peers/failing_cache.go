@@ -103,7 +103,10 @@ func (c *FailingCache) holds(r *http.Request) bool {
 	if isBlobGET {
 		c.blobGETs[r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]]++
 	}
-	return c.failure == HangAfterManifest || c.frozen || !isBlobGET
+	// StallAfterManifest holds nothing, /healthz included, until a body stalls: a
+	// cache that answers its health probe while a cold blob's headers are on their way
+	// (slow under load) is healthy, and must not be failed for it.
+	return c.failure == HangAfterManifest || c.frozen
 }
 
 func (c *FailingCache) modify(resp *http.Response) error {

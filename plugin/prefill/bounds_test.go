@@ -126,13 +126,12 @@ func TestJoinedPrefillOfStallingCacheResumes(t *testing.T) {
 		fc = peers.StartFailingCache(t, u, peers.StallAfterManifest, 512<<10)
 		return fc.URL
 	}, relay)
-	layer := r.img.Layers[0]
 	manifest := make(chan error, 1)
 	go func() {
 		_, err := r.get(t, "/v2/team/app/manifests/"+r.img.Digest)
 		manifest <- err
 	}()
-	joinWhenStreaming(t, r.prefill.Fills(), layer)
+	layer := streamingLayer(t, r.prefill.Fills(), r.img.Layers)
 	if got, err := r.get(t, "/v2/team/app/blobs/"+layer); err != nil || got != layer {
 		t.Fatalf("joined blob: %s, %v", got, err)
 	}
@@ -164,22 +163,31 @@ func joinWhenRunning(t *testing.T, m *fill.Manager, d string) {
 	}
 }
 
-// joinWhenStreaming waits until the prefill of d has cove-cache's answer (its size is
-// known), so that a GET joining it meets a stall mid-body, not a wait for headers (under
-// load, a join before the answer can spend its header bound and fall back for that).
-func joinWhenStreaming(t *testing.T, m *fill.Manager, d string) {
+// streamingLayer waits until the prefill of one of layers has cove-cache's answer (its
+// size is known) and returns it, so that a GET joining it meets a stall mid-body, not a
+// wait for headers. Which one: the first body to stall freezes the cache, and a layer
+// whose request reached it after that never gets headers (under load, any of them).
+func streamingLayer(t *testing.T, m *fill.Manager, layers []string) string {
 	t.Helper()
-	joinWhenRunning(t, m, d)
-	f := m.Lookup(fill.Key{Registry: "local", Digest: digest.Digest(d)})
-	if f == nil {
-		t.Fatalf("the prefill of %s ended before cove-cache answered", d)
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, d := range layers {
+			f := m.Lookup(fill.Key{Registry: "local", Digest: digest.Digest(d)})
+			if f == nil {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+			_, err := f.WaitSize(ctx)
+			cancel()
+			f.Release()
+			if err == nil {
+				return d
+			}
+		}
+		time.Sleep(time.Millisecond)
 	}
-	defer f.Release()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := f.WaitSize(ctx); err != nil {
-		t.Fatalf("the prefill of %s got no answer from cove-cache: %v", d, err)
-	}
+	t.Fatal("no prefill of a layer got an answer from cove-cache")
+	return ""
 }
 
 func waitIdle(t *testing.T, m *fill.Manager) {
