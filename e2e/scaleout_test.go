@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"strings"
 	"sync"
@@ -59,6 +60,38 @@ func pullAll(ctx context.Context, nodes []*peers.Containerd, ref string) []error
 	return errs
 }
 
+// checkPulledAll is peers.CheckPulled on every node, the nodes at once: each check
+// runs a ctr process per blob, which adds up with eight nodes on a loaded machine.
+func checkPulledAll(t *testing.T, ctx context.Context, nodes []*peers.Containerd, img peers.Image) {
+	t.Helper()
+	errs := make([]error, len(nodes))
+	var wg sync.WaitGroup
+	for i, c := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, err := c.ImageTarget(ctx, img.Ref)
+			switch {
+			case err != nil:
+				errs[i] = err
+			case got != img.Digest:
+				errs[i] = fmt.Errorf("target of %s = %s, pushed %s", img.Ref, got, img.Digest)
+			default:
+				errs[i] = c.ReadAllContent(ctx, img.Ref)
+			}
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("node %d: %v", i, err)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+}
+
 func replicaLogs(cr *peers.CoveReplicas) string {
 	var b strings.Builder
 	for i, c := range cr.Replicas {
@@ -99,18 +132,31 @@ func checkBucketBlobs(t *testing.T, ctx context.Context, m *peers.MinIO) int {
 	return n
 }
 
-// Five fresh containerds pull one cold image at once, spread over three replicas on one
-// bucket: the origin sees one GET per blob, every digest is right, the non-owners' misses
-// went through their owners, and each blob is in the bucket once and right. A warm pull
-// through a replica then costs the origin nothing.
+// Eight fresh containerds pull one cold image at once, each through its own cove-node,
+// the cove-nodes spread over three replicas on one bucket (each lists the replicas in
+// another order, so its first --cache differs): the origin sees one GET per blob, every
+// digest is right, every node was served by the cache and every replica took pulls, the
+// non-owners' misses went through their owners, and each blob is in the bucket once and
+// right. A warm pull through a replica then costs the origin nothing.
 func TestScaleOutColdPullOneOriginFetch(t *testing.T) {
 	ctx := testCtx(t)
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/scale:v1", 4, 4<<20)
 	m, cr := startScaleOut(t, 3, origin.Addr)
-	nodes := make([]*peers.Containerd, 5)
+	urls := replicaURLs(cr)
+	const fresh = 8
+	nodes := make([]*peers.Containerd, fresh)
+	coveNodes := make([]*peers.CoveNode, fresh)
 	for i := range nodes {
-		nodes[i] = peers.StartContainerd(t, peers.WithMirror(cr.Replicas[i%len(cr.Replicas)].URL))
+		k := i % len(urls)
+		order := append(append([]string{}, urls[k:]...), urls[:k]...)
+		// --probe-timeout: this test is about the replicas' one origin fetch, not cove-node's
+		// failure detection (TestScaleOutKillOwnerDuringColdPull and plugin/mirror test
+		// that). On a loaded machine (load average 20 on 2 cores) every replica's trivial
+		// /healthz once took over the default 300 ms at the same instant, and the nodes
+		// resumed blobs from the origin, as they are meant to from a dead cache.
+		coveNodes[i] = peers.StartCoveNode(t, order, "--origin-plain-http", origin.Addr, "--probe-timeout", "5s")
+		nodes[i] = peers.StartContainerd(t, peers.WithMirror(coveNodes[i].URL))
 	}
 	start := time.Now()
 	for i, err := range pullAll(ctx, nodes, img.Ref) {
@@ -118,9 +164,32 @@ func TestScaleOutColdPullOneOriginFetch(t *testing.T) {
 			t.Fatalf("cold pull %d: %v\n%s", i, err, replicaLogs(cr))
 		}
 	}
-	t.Logf("five cold pulls over three replicas: %v", time.Since(start))
-	for _, n := range nodes {
-		peers.CheckPulled(t, ctx, n, img)
+	t.Logf("%d cold pulls through cove-nodes over three replicas: %v", fresh, time.Since(start))
+	checkPulledAll(t, ctx, nodes, img)
+	for i, cn := range coveNodes {
+		// Every blob and the manifest went to a cache: the node never relayed the
+		// origin, nor handed containerd over to it.
+		if got := cn.Metric(t, "cove_node_requests_total", `served_by="cache"`); got < float64(len(allBlobs(img))+1) {
+			t.Errorf("cove-node %d: %v requests served by the cache, want at least %d", i, got, len(allBlobs(img))+1)
+		}
+		for _, by := range []string{"origin", "handoff"} {
+			if got := cn.Metric(t, "cove_node_requests_total", `served_by="`+by+`"`); got != 0 {
+				var why []string
+				for _, r := range []string{"breaker-open", "connect", "headers", "status", "stall", "slow-origin", "no-cache"} {
+					if n := cn.Metric(t, "cove_node_requests_total", `served_by="`+by+`"`, `reason="`+r+`"`); n != 0 {
+						why = append(why, fmt.Sprintf("%s: %v", r, n))
+					}
+				}
+				t.Errorf("cove-node %d: %v requests served_by=%s (%s), want 0\n%s", i, got, by, strings.Join(why, ", "), s3LogTail(cn.LogPath))
+			}
+		}
+	}
+	for i, c := range cr.Replicas {
+		// Manifests are not forwarded between replicas: a replica that served some took
+		// pulls from the cove-nodes that list it first.
+		if got := c.Metric(t, "cove_requests_total", `operation="manifest"`); got == 0 {
+			t.Errorf("replica %d (%s) served no manifest: the cove-nodes did not spread over the replicas", i, c.URL)
+		}
 	}
 	gets := origin.BlobGETs()
 	for _, d := range allBlobs(img) {
