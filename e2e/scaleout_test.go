@@ -92,6 +92,29 @@ func checkPulledAll(t *testing.T, ctx context.Context, nodes []*peers.Containerd
 	}
 }
 
+// checkServedByCache checks that cove-node i had at least min requests served by a
+// cache and none relayed from the origin or handed over to containerd (naming the
+// reasons and the node's log when it did).
+func checkServedByCache(t *testing.T, i int, cn *peers.CoveNode, want int) {
+	t.Helper()
+	if got := cn.Metric(t, "cove_node_requests_total", `served_by="cache"`); got < float64(want) {
+		t.Errorf("cove-node %d: %v requests served by the cache, want at least %d", i, got, want)
+	}
+	for _, by := range []string{"origin", "handoff"} {
+		got := cn.Metric(t, "cove_node_requests_total", `served_by="`+by+`"`)
+		if got == 0 {
+			continue
+		}
+		var why []string
+		for _, r := range []string{"breaker-open", "connect", "headers", "status", "stall", "slow-origin", "no-cache"} {
+			if n := cn.Metric(t, "cove_node_requests_total", `served_by="`+by+`"`, `reason="`+r+`"`); n != 0 {
+				why = append(why, fmt.Sprintf("%s: %v", r, n))
+			}
+		}
+		t.Errorf("cove-node %d: %v requests served_by=%s (%s), want 0\n%s", i, got, by, strings.Join(why, ", "), s3LogTail(cn.LogPath))
+	}
+}
+
 func replicaLogs(cr *peers.CoveReplicas) string {
 	var b strings.Builder
 	for i, c := range cr.Replicas {
@@ -133,29 +156,40 @@ func checkBucketBlobs(t *testing.T, ctx context.Context, m *peers.MinIO) int {
 }
 
 // Eight fresh containerds pull one cold image at once, each through its own cove-node,
-// the cove-nodes spread over three replicas on one bucket (each lists the replicas in
-// another order, so its first --cache differs): the origin sees one GET per blob, every
-// digest is right, every node was served by the cache and every replica took pulls, the
-// non-owners' misses went through their owners, and each blob is in the bucket once and
-// right. A warm pull through a replica then costs the origin nothing.
+// over three replicas on one bucket. Half the cove-nodes are given the three replicas
+// (each in another order), as --caches-from-endpointslices gives them, and send each blob
+// straight to its owner; the other half are given one Service address, a balancer that
+// spreads their connections over the replicas, so their misses land on replicas that do
+// not own the blob and are forwarded to the owner. Both kinds ask for every blob at
+// once: the origin sees one GET per blob, every digest is right, every node was served by
+// the cache, every replica took requests, and each blob is in the bucket once and right.
+// A warm pull through a replica then costs the origin nothing.
 func TestScaleOutColdPullOneOriginFetch(t *testing.T) {
 	ctx := testCtx(t)
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/scale:v1", 4, 4<<20)
 	m, cr := startScaleOut(t, 3, origin.Addr)
 	urls := replicaURLs(cr)
+	var addrs []string
+	for _, c := range cr.Replicas {
+		addrs = append(addrs, c.Addr)
+	}
+	service := peers.StartBalancer(t, addrs...)
 	const fresh = 8
 	nodes := make([]*peers.Containerd, fresh)
 	coveNodes := make([]*peers.CoveNode, fresh)
 	for i := range nodes {
-		k := i % len(urls)
-		order := append(append([]string{}, urls[k:]...), urls[:k]...)
+		caches := []string{service.URL}
+		if i%2 == 1 {
+			k := (i / 2) % len(urls)
+			caches = append(append([]string{}, urls[k:]...), urls[:k]...)
+		}
 		// --probe-timeout: this test is about the replicas' one origin fetch, not cove-node's
-		// failure detection (TestScaleOutKillOwnerDuringColdPull and plugin/mirror test
-		// that). On a loaded machine (load average 20 on 2 cores) every replica's trivial
-		// /healthz once took over the default 300 ms at the same instant, and the nodes
-		// resumed blobs from the origin, as they are meant to from a dead cache.
-		coveNodes[i] = peers.StartCoveNode(t, order, "--origin-plain-http", origin.Addr, "--probe-timeout", "5s")
+		// failure detection (TestScaleOutKillOwnerDuringColdPull, plugin/mirror). On a
+		// loaded machine (load average 20 on 2 cores) every replica's trivial /healthz
+		// once took over the default 300 ms at the same instant, and the nodes resumed
+		// blobs from the origin, as they are meant to from a dead cache.
+		coveNodes[i] = peers.StartCoveNode(t, caches, "--origin-plain-http", origin.Addr, "--probe-timeout", "5s")
 		nodes[i] = peers.StartContainerd(t, peers.WithMirror(coveNodes[i].URL))
 	}
 	start := time.Now()
@@ -167,29 +201,17 @@ func TestScaleOutColdPullOneOriginFetch(t *testing.T) {
 	t.Logf("%d cold pulls through cove-nodes over three replicas: %v", fresh, time.Since(start))
 	checkPulledAll(t, ctx, nodes, img)
 	for i, cn := range coveNodes {
-		// Every blob and the manifest went to a cache: the node never relayed the
-		// origin, nor handed containerd over to it.
-		if got := cn.Metric(t, "cove_node_requests_total", `served_by="cache"`); got < float64(len(allBlobs(img))+1) {
-			t.Errorf("cove-node %d: %v requests served by the cache, want at least %d", i, got, len(allBlobs(img))+1)
-		}
-		for _, by := range []string{"origin", "handoff"} {
-			if got := cn.Metric(t, "cove_node_requests_total", `served_by="`+by+`"`); got != 0 {
-				var why []string
-				for _, r := range []string{"breaker-open", "connect", "headers", "status", "stall", "slow-origin", "no-cache"} {
-					if n := cn.Metric(t, "cove_node_requests_total", `served_by="`+by+`"`, `reason="`+r+`"`); n != 0 {
-						why = append(why, fmt.Sprintf("%s: %v", r, n))
-					}
-				}
-				t.Errorf("cove-node %d: %v requests served_by=%s (%s), want 0\n%s", i, got, by, strings.Join(why, ", "), s3LogTail(cn.LogPath))
-			}
-		}
+		checkServedByCache(t, i, cn, len(allBlobs(img))+1)
 	}
 	for i, c := range cr.Replicas {
-		// Manifests are not forwarded between replicas: a replica that served some took
-		// pulls from the cove-nodes that list it first.
-		if got := c.Metric(t, "cove_requests_total", `operation="manifest"`); got == 0 {
-			t.Errorf("replica %d (%s) served no manifest: the cove-nodes did not spread over the replicas", i, c.URL)
+		// The balancer hands each new connection to the next replica, and the Service's
+		// nodes opened more than three: every replica took some.
+		if got := c.Metric(t, "cove_requests_total"); got == 0 {
+			t.Errorf("replica %d (%s) served no request: the nodes did not spread over the replicas", i, c.URL)
 		}
+	}
+	if service.DialFailures() != 0 {
+		t.Errorf("the balancer could not reach a replica %d times", service.DialFailures())
 	}
 	gets := origin.BlobGETs()
 	for _, d := range allBlobs(img) {
@@ -197,9 +219,14 @@ func TestScaleOutColdPullOneOriginFetch(t *testing.T) {
 			t.Errorf("origin GETs of %s = %d, want 1", d, gets[d])
 		}
 	}
-	if fw := replicaMetric(t, cr.Replicas, "cove_peer_forwarded_total", `to="owner"`); fw == 0 {
+	// The Service's nodes asked replicas at random for each blob: some of those asked
+	// a replica that does not own it (all four nodes' five blobs landing on their owners
+	// by chance is (1/3)^20).
+	fw := replicaMetric(t, cr.Replicas, "cove_peer_forwarded_total", `to="owner"`)
+	if fw == 0 {
 		t.Error("no miss was forwarded to its owner")
 	}
+	t.Logf("misses forwarded to their owner: %v", fw)
 	if acc := replicaMetric(t, cr.Replicas, "cove_peer_requests_total", `result="accepted"`); acc == 0 {
 		t.Error("no replica accepted a peer request")
 	}
