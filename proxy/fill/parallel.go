@@ -32,9 +32,11 @@ import (
 // full-body read is released and before it is stored.
 //
 // An origin that answers a range with 200 (it ignores ranges) makes the fill go on in
-// one stream: the first stream runs to the end. A fill whose store fails while it
-// spools ranges ends (its clients resume); the store is then degraded, and fills go back
-// to one stream, which can pass a blob through unstored.
+// one stream: the first stream runs to the end. A fill whose spool fails while it
+// spools ranges (no space, quota, I/O error, read-only) does not end: it stops its
+// ranges, keeps the contiguous prefix it spooled for the readers behind it, and fetches
+// the rest in one stream, passing it through unstored (rangepass.go). The store is then
+// degraded, and the next fills start in one stream until a blob is stored again.
 
 // rangePolicy says which blobs are fetched in ranges, and how.
 type rangePolicy struct {
@@ -82,6 +84,8 @@ type parallel struct {
 	noRanges        bool               // the origin answered a range with the whole body
 	closed          bool               // the fill is ending: nothing more is started
 	err             error              // the first failure of a range
+	spoolErr        error              // the spool's first failure: the rest passes through (rangepass.go)
+	spoolReason     string             // its Reason
 	ctx             context.Context
 	cancel          context.CancelCauseFunc
 	wg              sync.WaitGroup
@@ -158,12 +162,17 @@ func (f *Fill) fetchRanges(ctx context.Context, first *http.Response, attempt co
 	err := f.hashPrefix(p, st)
 	f.mu.Lock()
 	p.closed = true
-	if err == nil {
+	if p.err != nil {
 		err = p.err
 	}
+	// A failed range and a failed spool exclude each other: the first closes p.
+	passing := p.spoolErr != nil
 	f.mu.Unlock()
 	cancel(err)
 	p.wg.Wait()
+	if passing {
+		return f.passRest(ctx, p, st) // rangepass.go
+	}
 	if err != nil {
 		return err
 	}
@@ -178,16 +187,19 @@ func (f *Fill) fetchRanges(ctx context.Context, first *http.Response, attempt co
 }
 
 // hashPrefix hashes the blob's contiguous prefix as it grows, from the spool, until it
-// is whole or a range failed.
+// is whole, a range failed, or the spool failed (an error wrapping errSpoolFailed).
 func (f *Fill) hashPrefix(p *parallel, st *bodyState) error {
 	buf := make([]byte, 1<<20)
 	for st.received < p.size {
 		f.mu.Lock()
-		prefix, err, ch := p.have.end(0), p.err, f.changed
+		prefix, err, spoolErr, ch := p.have.end(0), p.err, p.spoolErr, f.changed
 		stuck := p.exited == p.workers && len(p.tasks) == 0 && prefix < p.size
 		f.mu.Unlock()
 		if err != nil {
 			return err
+		}
+		if spoolErr != nil {
+			return fmt.Errorf("%w: %w", errSpoolFailed, spoolErr)
 		}
 		if stuck {
 			// A range was answered with the whole body after the first stream stopped.
@@ -201,15 +213,23 @@ func (f *Fill) hashPrefix(p *parallel, st *bodyState) error {
 			}
 			continue
 		}
-		for st.received < prefix {
-			n := min(int64(len(buf)), prefix-st.received)
-			k, rerr := f.file.ReadAt(buf[:n], st.received)
-			if int64(k) != n {
-				return fmt.Errorf("%w: read spool to verify: %v", errdefs.ErrUnknown, rerr)
-			}
-			_, _ = st.verifier.Write(buf[:n])
-			st.received += n
+		if err := f.hashSpool(st, prefix, buf); err != nil {
+			return err
 		}
+	}
+	return nil
+}
+
+// hashSpool hashes the spool's bytes from st.received up to to.
+func (f *Fill) hashSpool(st *bodyState, to int64, buf []byte) error {
+	for st.received < to {
+		n := min(int64(len(buf)), to-st.received)
+		k, rerr := f.file.ReadAt(buf[:n], st.received)
+		if int64(k) != n {
+			return fmt.Errorf("%w: read spool to verify: %v", errdefs.ErrUnknown, rerr)
+		}
+		_, _ = st.verifier.Write(buf[:n])
+		st.received += n
 	}
 	return nil
 }

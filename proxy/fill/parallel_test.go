@@ -3,22 +3,17 @@ package fill
 import (
 	"bytes"
 	"context"
-	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
-
-	"github.com/cove-oci/cove/internal/peers"
 )
 
 // rangeOrigin is an origin serving one blob with ranges honoured (http.ServeContent),
@@ -192,48 +187,5 @@ func TestParallelPassThroughOneStream(t *testing.T) {
 	}
 	if reqs := o.requests(); len(reqs) != 1 || reqs[0].rng != "" {
 		t.Fatalf("origin saw %v, want one whole-body request", reqs)
-	}
-}
-
-// Attack: the spool's filesystem fills up while ranges are spooled. That fill ends with
-// an error (its clients resume) and stores nothing; the store is degraded, so the next
-// fill of the blob goes in one stream and passes it through, whole and right.
-func TestParallelSpoolFullThenOneStream(t *testing.T) {
-	dir := peers.MountTmpfs(t, "size=1m")
-	body := randomBytes(t, 3<<20+5)
-	o := startRangeOrigin(t, body, nil)
-	c := &committed{blobs: map[digest.Digest][]byte{}}
-	m, err := NewManager(filepath.Join(dir, "spool"), c.commit, parallelOpts(3)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key := Key{"r", digest.FromBytes(body)}
-	if got, err := readWhole(t, m, key, get(o.URL)); !errors.Is(err, ErrFailed) || !errors.Is(err, syscall.ENOSPC) {
-		t.Fatalf("first fill: %d bytes, err %v; want ErrFailed, ENOSPC", len(got), err)
-	}
-	waitGone(t, m)
-	if _, degraded := m.StoreDegraded(); !degraded {
-		t.Fatal("store not degraded after a full spool")
-	}
-	if o.ranged() == 0 {
-		t.Fatal("the first fill was not in ranges")
-	}
-	// The second fill asks with a credential of its own, told apart from the first
-	// fill's ranged requests that may still reach the origin.
-	if got, err := readWhole(t, m, key, getAs(o.URL, "second")); err != nil || !bytes.Equal(got, body) {
-		t.Fatalf("second fill: %d bytes, err %v", len(got), err)
-	}
-	waitGone(t, m)
-	if _, ok := c.get(key.Digest); ok {
-		t.Fatal("stored a blob larger than the store")
-	}
-	var second []originReq
-	for _, q := range o.requests() {
-		if q.auth == "second" {
-			second = append(second, q)
-		}
-	}
-	if len(second) != 1 || second[0].rng != "" {
-		t.Fatalf("second fill asked %v, want one whole-body request", second)
 	}
 }

@@ -141,7 +141,7 @@ func (f *Fill) readTask(p *parallel, t *task, s *stream, buf []byte) error {
 			if f.m.onBytes != nil {
 				f.m.onBytes(f.Key.Registry, n)
 			}
-			if err := f.spoolAt(chunk[:n], t.next); err != nil {
+			if err := f.spoolAt(p, chunk[:n], t.next); err != nil {
 				return err
 			}
 			f.mu.Lock()
@@ -169,14 +169,13 @@ func (f *Fill) readTask(p *parallel, t *task, s *stream, buf []byte) error {
 	}
 }
 
-// spoolAt writes p at off in the spool. A failure ends the fill (its clients resume)
-// and degrades the store, so the next fills go in one stream, which can pass through.
-func (f *Fill) spoolAt(p []byte, off int64) error {
+// spoolAt writes p at off in the spool. A failure stops the fill's ranges: the rest of
+// the blob passes through in one stream (rangepass.go).
+func (f *Fill) spoolAt(par *parallel, p []byte, off int64) error {
 	for w := 0; w < len(p); {
 		k := min(len(p)-w, spoolPiece)
 		if _, err := f.file.WriteAt(p[w:w+k], off+int64(w)); err != nil {
-			reason := f.m.storeFailed(f, f.size, "write", err)
-			return fmt.Errorf("spool write (%s): %w", reason, err)
+			return f.spoolFailed(par, err)
 		}
 		w += k
 	}

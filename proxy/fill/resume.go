@@ -55,8 +55,8 @@ type bodyState struct {
 // resume fetches the rest of a body that ended with err. It returns the new body's
 // request context and response, or the error that ends the fill. It asks with the fill's
 // current credential, which may be another joiner's than the first request's
-// (handover.go): the FetchFunc argument is the first request's, kept for the signature.
-func (f *Fill) resume(ctx context.Context, _ FetchFunc, st *bodyState, err error) (context.Context, context.CancelCauseFunc, *http.Response, error) {
+// (handover.go).
+func (f *Fill) resume(ctx context.Context, st *bodyState, err error) (context.Context, context.CancelCauseFunc, *http.Response, error) {
 	if !errors.Is(err, errCut) || f.size < 0 || ctx.Err() != nil {
 		return nil, nil, nil, err
 	}
@@ -96,35 +96,45 @@ func (f *Fill) resume(ctx context.Context, _ FetchFunc, st *bodyState, err error
 }
 
 // resumeAnswer checks the origin's answer to a resume request for the bytes from
-// st.received, and starts the body over for a 200 when it may.
+// st.received, starts the body over for a 200 when it may, and counts the resume.
 func (f *Fill) resumeAnswer(res *http.Response, st *bodyState) error {
+	outcome, err := f.restAnswer(res, st)
+	if err != nil {
+		return err
+	}
+	f.m.resumed(outcome)
+	st.outcome = outcome
+	return nil
+}
+
+// restAnswer checks the origin's answer to a request for the bytes from st.received on,
+// and starts the body over for a 200 when it may: ResumeRanged for a 206 that goes on
+// from there, ResumeRestarted for a 200 that starts over.
+func (f *Fill) restAnswer(res *http.Response, st *bodyState) (string, error) {
 	switch res.StatusCode {
 	case http.StatusPartialContent:
 		cr := res.Header.Get("Content-Range")
 		start, total, ok := parseContentRange(cr)
 		if !ok || start != st.received || total != f.size {
-			return fmt.Errorf("origin answered a resume at byte %d of %d with Content-Range %q", st.received, f.size, cr)
+			return "", fmt.Errorf("origin answered a resume at byte %d of %d with Content-Range %q", st.received, f.size, cr)
 		}
 		if res.ContentLength >= 0 && res.ContentLength != f.size-st.received {
-			return fmt.Errorf("origin answered a resume at byte %d of %d with %d bytes", st.received, f.size, res.ContentLength)
+			return "", fmt.Errorf("origin answered a resume at byte %d of %d with %d bytes", st.received, f.size, res.ContentLength)
 		}
-		f.m.resumed(ResumeRanged)
-		st.outcome = ResumeRanged
-		return nil
+		return ResumeRanged, nil
 	case http.StatusOK:
 		if res.ContentLength != f.size {
-			return fmt.Errorf("origin answered a resume with a %d-byte body for a %d-byte blob", res.ContentLength, f.size)
+			return "", fmt.Errorf("origin answered a resume with a %d-byte body for a %d-byte blob", res.ContentLength, f.size)
 		}
-		if !f.startOver() {
-			return fmt.Errorf("origin ignored the range of a resume at byte %d, and clients have bytes already", st.received)
+		// From byte 0 the whole body is the answer asked for: nothing to start over.
+		if st.received > 0 && !f.startOver() {
+			return "", fmt.Errorf("origin ignored the range of a resume at byte %d, and clients have bytes already", st.received)
 		}
 		st.verifier = f.Key.Digest.Verifier()
 		st.received = 0
-		f.m.resumed(ResumeRestarted)
-		st.outcome = ResumeRestarted
-		return nil
+		return ResumeRestarted, nil
 	}
-	return fmt.Errorf("origin answered a resume at byte %d with %d", st.received, res.StatusCode)
+	return "", fmt.Errorf("origin answered a resume at byte %d with %d", st.received, res.StatusCode)
 }
 
 func (f *Fill) resumeFailed(st *bodyState, err error) error {

@@ -88,7 +88,12 @@ func (f *Fill) fetch(ctx context.Context, fetch FetchFunc, st *bodyState, releas
 	if passReason == "" && f.m.inRanges(res.ContentLength) {
 		return f.fetchRanges(ctx, res, attempt, stop, st) // parallel.go
 	}
+	return f.streamBody(ctx, attempt, stop, res, st)
+}
 
+// streamBody reads res's body (attempt's, which stop ends) into the fill from
+// st.received on, resuming it when it is cut short, and verifies the whole blob.
+func (f *Fill) streamBody(ctx, attempt context.Context, stop context.CancelCauseFunc, res *http.Response, st *bodyState) error {
 	buf := make([]byte, f.m.bufSize)
 	for {
 		err := f.readBody(ctx, attempt, stop, res.Body, buf, st)
@@ -97,7 +102,7 @@ func (f *Fill) fetch(ctx context.Context, fetch FetchFunc, st *bodyState, releas
 		if err == nil {
 			break
 		}
-		if attempt, stop, res, err = f.resume(ctx, fetch, st, err); err != nil {
+		if attempt, stop, res, err = f.resume(ctx, st, err); err != nil {
 			return err
 		}
 	}
