@@ -18,11 +18,11 @@ import (
 
 var originBlobPath = regexp.MustCompile(`/blobs/(sha256:[0-9a-f]{64})$`)
 
-// checkOriginBlobGETs fails t unless every blob GET the origin saw since request index
-// from came from cove-cache, and each of want was fetched exactly once.
-func checkOriginBlobGETs(t *testing.T, origin *peers.Registry, from int, want []string) {
+// originBlobGETs fails t unless every blob GET the origin saw since request index from
+// came from cove-cache, and returns those GETs by digest.
+func originBlobGETs(t *testing.T, origin *peers.Registry, from int) map[string][]peers.Request {
 	t.Helper()
-	got := map[string]int{}
+	got := map[string][]peers.Request{}
 	for _, q := range origin.Requests()[from:] {
 		m := originBlobPath.FindStringSubmatch(q.Path)
 		if q.Method != http.MethodGet || m == nil {
@@ -31,7 +31,18 @@ func checkOriginBlobGETs(t *testing.T, origin *peers.Registry, from int, want []
 		if q.UserAgent != "cove-cache" {
 			t.Errorf("origin served blob %s to %q, not to cove-cache: the client went round the cache", m[1][:19], q.UserAgent)
 		}
-		got[m[1]]++
+		got[m[1]] = append(got[m[1]], q)
+	}
+	return got
+}
+
+// checkOriginBlobGETs fails t unless every blob GET the origin saw since request index
+// from came from cove-cache, and each of want was fetched exactly once.
+func checkOriginBlobGETs(t *testing.T, origin *peers.Registry, from int, want []string) {
+	t.Helper()
+	got := map[string]int{}
+	for d, qs := range originBlobGETs(t, origin, from) {
+		got[d] = len(qs)
 	}
 	for _, d := range want {
 		if got[d] != 1 {
