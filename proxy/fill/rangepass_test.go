@@ -29,27 +29,40 @@ func waitChan(r *http.Request, ch chan struct{}) {
 }
 
 // gatedOrigin serves body with ranges honoured (rangeOrigin). To the fill started with
-// credential "first" it holds the bounded ranges until prefixIn closes, so the first
-// body's first range is spooled before any other, and the open-ended range, the rest of
-// the blob, until restGo closes; rest, when given, answers that one. Other credentials
-// are served at once.
-func gatedOrigin(t *testing.T, body []byte, prefixIn, restGo chan struct{}, rest http.HandlerFunc) *rangeOrigin {
-	return startRangeOrigin(t, body, func(w http.ResponseWriter, r *http.Request) bool {
+// credential "first" it sends the first body's first firstRange bytes, and the rest only
+// once a bounded range was asked for (so the fill is in ranges whatever the machine's
+// pace); it holds the bounded ranges until prefixIn closes, so the first range is
+// spooled before any other, and the open-ended range, the rest of the blob, until
+// restGo closes; rest, when given, answers that one. Other credentials are served at once.
+func gatedOrigin(t *testing.T, body []byte, firstRange int, prefixIn, restGo chan struct{}, rest http.HandlerFunc) *rangeOrigin {
+	var o *rangeOrigin
+	o = startRangeOrigin(t, body, func(w http.ResponseWriter, r *http.Request) bool {
 		rng := r.Header.Get("Range")
-		if r.Header.Get("Authorization") != "first" || rng == "" {
+		switch {
+		case r.Header.Get("Authorization") != "first":
 			return false
-		}
-		if strings.HasSuffix(rng, "-") {
-			waitChan(r, restGo)
-			if rest != nil {
-				rest(w, r)
-				return true
+		case rng == "":
+			w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+			w.WriteHeader(http.StatusOK)
+			_, _ = w.Write(body[:firstRange])
+			w.(http.Flusher).Flush()
+			for o.ranged() == 0 && r.Context().Err() == nil {
+				time.Sleep(time.Millisecond)
 			}
+			_, _ = w.Write(body[firstRange:])
+		case strings.HasSuffix(rng, "-"):
+			waitChan(r, restGo)
+			if rest == nil {
+				return false
+			}
+			rest(w, r)
+		default:
+			waitChan(r, prefixIn)
 			return false
 		}
-		waitChan(r, prefixIn)
-		return false
+		return true
 	})
+	return o
 }
 
 // byCredential returns the Range headers of the requests made with credential.
@@ -86,7 +99,7 @@ func TestParallelSpoolFullPassesRestThrough(t *testing.T) {
 	body := randomBytes(t, 6<<20+5)
 	const firstBytes = 1 << 20 // the first range (parallelOpts): the whole tmpfs
 	prefixIn, restGo := make(chan struct{}), make(chan struct{})
-	o := gatedOrigin(t, body, prefixIn, restGo, nil)
+	o := gatedOrigin(t, body, firstBytes, prefixIn, restGo, nil)
 	var ev events
 	c := &committed{blobs: map[digest.Digest][]byte{}}
 	spool := filepath.Join(dir, "spool")
@@ -273,8 +286,7 @@ func TestParallelSpoolFullRestRangeIgnored(t *testing.T) {
 	body := randomBytes(t, 5<<20+7)
 	const firstBytes = 1 << 20 // the first range (parallelOpts): the whole tmpfs
 	prefixIn, restGo := make(chan struct{}), make(chan struct{})
-	close(restGo)
-	o := gatedOrigin(t, body, prefixIn, restGo, func(w http.ResponseWriter, r *http.Request) {
+	o := gatedOrigin(t, body, firstBytes, prefixIn, restGo, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		_, _ = w.Write(body)
 	})
@@ -291,6 +303,7 @@ func TestParallelSpoolFullRestRangeIgnored(t *testing.T) {
 		t.Fatalf("first bytes: %v", err)
 	}
 	close(prefixIn)
+	close(restGo) // a reader has bytes: the rest is asked for after
 	got, err := io.ReadAll(whole)
 	if !errors.Is(err, ErrFailed) || !strings.Contains(err.Error(), "ignored the range") {
 		t.Fatalf("reader: %d bytes, %v; want ErrFailed, the origin ignored the range", len(got), err)
