@@ -3,6 +3,7 @@ package fill
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -311,5 +312,82 @@ func TestParallelSpoolFullRestRangeIgnored(t *testing.T) {
 	<-f.Settled()
 	if _, ok := c.get(key.Digest); ok {
 		t.Fatal("stored a blob whose fill failed")
+	}
+}
+
+// patternBlob is a blob of size bytes, each a function of its offset: an origin serves
+// it with ranges honoured without holding it in memory.
+type patternBlob struct{ size int64 }
+
+func (b patternBlob) ReadAt(p []byte, off int64) (int, error) {
+	if off >= b.size {
+		return 0, io.EOF
+	}
+	n := int(min(int64(len(p)), b.size-off))
+	for i := range n {
+		p[i] = byte((uint64(off+int64(i)) * 0x9E3779B97F4A7C15) >> 56)
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// A 96 MiB blob fetched in ranges whose spool (a 1 MiB tmpfs) fails passes through to
+// two readers with the heap within the window's order, not the blob's.
+func TestParallelSpoolFullMemoryBounded(t *testing.T) {
+	dir := peers.MountTmpfs(t, "size=1m")
+	const size = 96 << 20
+	blob := patternBlob{size}
+	h := sha256.New()
+	if _, err := io.Copy(h, io.NewSectionReader(blob, 0, size)); err != nil {
+		t.Fatal(err)
+	}
+	d := digest.NewDigestFromBytes(digest.SHA256, h.Sum(nil))
+	o := startRangeOrigin(t, nil, func(w http.ResponseWriter, r *http.Request) bool {
+		http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(blob, 0, size))
+		return true
+	})
+	c := &committed{blobs: map[digest.Digest][]byte{}}
+	m, err := NewManager(filepath.Join(dir, "spool"), c.commit, append(parallelOpts(4), WithPassThroughWindow(4<<20))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	heapGrowth := sampleHeap()
+	f, _ := m.Join(Key{"r", d}, "o", get(o.URL))
+	var wg sync.WaitGroup
+	for i := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v := d.Verifier()
+			n, err := io.Copy(v, f.NewReader(context.Background(), 0, -1))
+			if err != nil || n != size || !v.Verified() {
+				t.Errorf("reader %d: %d bytes, %v, verified %v", i, n, err, v.Verified())
+			}
+		}()
+	}
+	wg.Wait()
+	grew := heapGrowth()
+	<-f.Settled()
+	f.Release()
+	if !f.PassingThrough() {
+		t.Fatal("fill did not pass its blob through")
+	}
+	if _, ok := c.get(d); ok {
+		t.Fatal("stored a blob whose spool failed")
+	}
+	rest := 0
+	for _, q := range o.requests() {
+		if strings.HasSuffix(q.rng, "-") {
+			rest++
+		}
+	}
+	if o.ranged() == rest || rest != 1 {
+		t.Fatalf("origin saw %v: want ranges, then one request for the rest", o.requests())
+	}
+	t.Logf("heap grew by at most %.1f MiB passing %d MiB through to 2 readers after ranges", float64(grew)/(1<<20), size>>20)
+	if grew > 24<<20 {
+		t.Fatalf("heap grew by %d MiB passing a %d MiB blob through: not bounded by the window", grew>>20, size>>20)
 	}
 }
