@@ -9,8 +9,10 @@ import (
 
 // A fill fetched in ranges whose spool fails (no space, quota, I/O error, read-only
 // filesystem: any error writing it) goes on, as a fill fetched in one stream does
-// (window.go). Ending it would fail the pull of every client reading it: containerd
-// never falls back to another host in the middle of a body.
+// (window.go). Ending it would break every client's transfer: containerd never falls
+// back to another host in the middle of a body (at best it asks the same host again
+// from its offset, which costs a second fill and origin fetch), and a client that does
+// not resume fails its pull.
 //
 // The failure stops every range. The blob's contiguous prefix stays in the spool,
 // already hashed, for the readers behind it; bytes of ranges that arrived beyond it are
