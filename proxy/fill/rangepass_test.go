@@ -340,8 +340,21 @@ func TestParallelSpoolFullMemoryBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := digest.NewDigestFromBytes(digest.SHA256, h.Sum(nil))
-	o := startRangeOrigin(t, nil, func(w http.ResponseWriter, r *http.Request) bool {
-		http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(blob, 0, size))
+	var o *rangeOrigin
+	o = startRangeOrigin(t, nil, func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Header.Get("Range") != "" {
+			http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(blob, 0, size))
+			return true
+		}
+		// A whole body's bytes wait until a range was asked for: the fill is in ranges
+		// whatever the machine's pace.
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		for o.ranged() == 0 && r.Context().Err() == nil {
+			time.Sleep(time.Millisecond)
+		}
+		_, _ = io.Copy(w, io.NewSectionReader(blob, 0, size))
 		return true
 	})
 	c := &committed{blobs: map[digest.Digest][]byte{}}
