@@ -19,7 +19,15 @@ const (
 )
 
 // used is what counts against MaxSize; s.mu must be held.
-func (s *Store) usedLocked() int64 { return s.stored + s.reserved + s.indexBytes }
+func (s *Store) usedLocked() int64 {
+	if s.sh != nil {
+		if !s.sh.leader {
+			return s.followerUsedLocked()
+		}
+		return s.stored + s.reserved + s.sh.othersReserved + s.indexBytes
+	}
+	return s.stored + s.reserved + s.indexBytes
+}
 
 // Used returns the bytes counted against the bound: stored, reserved and the index.
 func (s *Store) Used() int64 {
@@ -61,6 +69,13 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 			}, nil
 		}
 		s.mu.Unlock()
+		if s.sh != nil {
+			// Shared eviction frees room in rounds (two phases), never within a fill's
+			// request: this fill passes through, and the leader makes room ahead of the next.
+			s.kickEvict()
+			s.m.ReserveRefused.Inc()
+			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes) until the eviction leader frees some", errdefs.ErrResourceExhausted, key.Digest, size)
+		}
 		if attempt == 2 || s.evictBytes(ctx, over, triggerMaxSize) == 0 {
 			s.m.ReserveRefused.Inc()
 			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes): the rest of the store is pinned, being read or reserved", errdefs.ErrResourceExhausted, key.Digest, size)
@@ -98,7 +113,7 @@ func (s *Store) endReservationLocked(d digest.Digest, r *reservation) {
 // makeRoom evicts before a Put that would pass the bound (manifests, which are small and
 // stored without a reservation).
 func (s *Store) makeRoom(ctx context.Context, size int64) {
-	if s.cfg.MaxSize == 0 {
+	if s.cfg.MaxSize == 0 || s.sh != nil {
 		return
 	}
 	s.mu.Lock()
@@ -123,6 +138,13 @@ func (s *Store) evictBytes(ctx context.Context, need int64, trigger string) int6
 		if _, pin := s.pinned[d]; pin || e.refs > 0 {
 			continue
 		}
+		if s.sh != nil {
+			_, doomed := s.sh.doomed[d]
+			_, elsewhere := s.sh.openElsewhere[d]
+			if doomed || elsewhere {
+				continue
+			}
+		}
 		cands = append(cands, cand{d, e.atime})
 	}
 	s.mu.Unlock()
@@ -142,6 +164,14 @@ func (s *Store) evictBytes(ctx context.Context, need int64, trigger string) int6
 // used since the candidates were listed (atime changed; anyAtime: no check) stays: the
 // server's Stat before an Open is such a use, so a blob about to be read is kept.
 func (s *Store) evictOne(ctx context.Context, d digest.Digest, atime int64, trigger string) int64 {
+	if s.sh != nil {
+		return s.doom(d, atime)
+	}
+	return s.removeBlob(ctx, d, atime, trigger)
+}
+
+// removeBlob deletes one blob now, records first.
+func (s *Store) removeBlob(ctx context.Context, d digest.Digest, atime int64, trigger string) int64 {
 	s.mu.Lock()
 	e := s.blobs[d]
 	_, pin := s.pinned[d]
@@ -189,8 +219,16 @@ const anyAtime = -1
 // evictAhead frees down to the low watermark once usage passes the high one, and keeps
 // MinFree of the filesystem free.
 func (s *Store) evictAhead(ctx context.Context) {
+	if s.sh != nil && !s.IsLeader() {
+		return
+	}
 	if max := s.cfg.MaxSize; max > 0 {
 		used := s.Used()
+		if s.sh != nil {
+			s.mu.Lock()
+			used -= s.sh.doomedCost // chosen already, deleted when no replica reads them
+			s.mu.Unlock()
+		}
 		if used > int64(s.cfg.High*float64(max)) {
 			need := used - int64(s.cfg.Low*float64(max))
 			freed := s.evictBytes(ctx, need, triggerMaxSize)
@@ -228,7 +266,16 @@ func (s *Store) Start(ctx context.Context) {
 	if !s.cfg.MinFree.IsZero() {
 		args = append(args, "min_free_bytes", s.cfg.MinFree.Bytes, "min_free_percent", s.cfg.MinFree.Percent)
 	}
+	if s.sh != nil {
+		args = append(args, "shared_by_replicas", true, "sync_interval", s.sh.cfg.SyncInterval.String())
+	}
 	s.log.Info("storage bound", args...)
+	if s.sh != nil {
+		// The first round before serving: opens are refused until a record is written.
+		_ = s.Sync(ctx)
+		go s.loop(ctx, false)
+		return
+	}
 	rebuild := s.loadIndex(ctx)
 	s.loadPins(ctx)
 	go s.loop(ctx, rebuild)
@@ -242,12 +289,24 @@ func (s *Store) Close(ctx context.Context) error {
 	s.cancel()
 	<-s.done
 	s.cancel = nil
+	if s.sh != nil {
+		leader := s.IsLeader()
+		s.closeShared(ctx)
+		if !leader {
+			return nil
+		}
+		return s.writeIndex(ctx, false) // the next leader walks the bucket anyway
+	}
 	s.closed.Store(true) // first: a change after the clean write's snapshot writes it unclean
 	return s.writeIndex(ctx, true)
 }
 
 func (s *Store) loop(ctx context.Context, rebuild bool) {
 	defer close(s.done)
+	if s.sh != nil {
+		s.sharedLoop(ctx)
+		return
+	}
 	if rebuild {
 		s.reconcile(ctx)
 	}
@@ -304,5 +363,30 @@ func (s *Store) expirePending(ctx context.Context) {
 	s.deleteRecords(ctx, keys)
 	if len(keys) > 0 {
 		s.m.RecordsCollected.WithLabelValues("expired").Add(float64(len(keys)))
+	}
+}
+
+// sharedLoop is the background work of a shared Store: a round every SyncInterval; the
+// leader also resolves pins, evicts ahead and expires pending records between rounds.
+func (s *Store) sharedLoop(ctx context.Context) {
+	t := time.NewTicker(s.sh.cfg.SyncInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.kick:
+			s.evictAhead(ctx)
+		case <-s.pinKick:
+			if s.IsLeader() {
+				s.resolvePins(ctx)
+			}
+		case <-t.C:
+			if err := s.Sync(ctx); err != nil || !s.IsLeader() {
+				continue
+			}
+			s.resolvePins(ctx)
+			s.expirePending(ctx)
+		}
 	}
 }

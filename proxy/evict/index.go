@@ -66,13 +66,21 @@ func (s *Store) loadIndex(ctx context.Context) (walk bool) {
 		if ib.Digest.Validate() != nil || ib.Size < 0 {
 			continue
 		}
-		e := &entry{size: ib.Size, atime: ib.Atime, records: map[string]struct{}{}}
+		// A leader taking over already knows some blobs: merge, the latest access wins.
+		e := s.blobs[ib.Digest]
+		if e == nil {
+			e = &entry{size: ib.Size, records: map[string]struct{}{}}
+			s.blobs[ib.Digest] = e
+			s.stored += e.cost()
+		}
+		e.atime = max(e.atime, ib.Atime)
 		for _, k := range ib.Records {
-			e.records[k] = struct{}{}
+			if _, ok := e.records[k]; !ok {
+				e.records[k] = struct{}{}
+				s.stored += recordCost
+			}
 			s.owner[k] = ib.Digest
 		}
-		s.blobs[ib.Digest] = e
-		s.stored += e.cost()
 	}
 	for _, ip := range idx.Pending {
 		p := &pending{keys: map[string]struct{}{}, since: ip.Since}
@@ -231,6 +239,12 @@ func (s *Store) sweep(ctx context.Context, prefixes []string, reason string) {
 			s.mu.Lock()
 			_, stored := s.blobs[d]
 			s.mu.Unlock()
+			if !stored && s.sh != nil {
+				// Another replica may have stored it since the walk and not reported it yet.
+				if _, err := s.inner.Stat(ctx, d); err == nil {
+					return nil
+				}
+			}
 			if stored {
 				s.attach(key, d)
 				if s.pins.matches(key) {

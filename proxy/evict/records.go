@@ -73,6 +73,7 @@ func (s *Store) attach(key string, d digest.Digest) {
 		s.detachLocked(key)
 	}
 	s.owner[key] = d
+	s.recordTouchLocked(key, d)
 	if e := s.blobs[d]; e != nil {
 		e.records[key] = struct{}{}
 		s.stored += recordCost

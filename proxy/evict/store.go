@@ -50,7 +50,10 @@ type Config struct {
 	PendingGrace time.Duration
 	Clock        func() time.Time
 	Logger       *slog.Logger
-	Metrics      *metrics.Store
+	// Shared makes this Store one of several replicas on one bucket (shared.go): one
+	// leader evicts for all, in two phases. Nil: the Store evicts for itself alone.
+	Shared  *Shared
+	Metrics *metrics.Store
 }
 
 // recordCost is what a record is counted as: a 4 KiB block for its file and about as
@@ -84,10 +87,12 @@ type Store struct {
 	m     *metrics.Store
 	now   func() time.Time
 	pins  *pinSet
+	sh    *sharedState // nil: not shared
 
 	mu         sync.Mutex
 	blobs      map[digest.Digest]*entry
 	deleting   map[digest.Digest]struct{}
+	opening    map[digest.Digest]int // opens in flight of blobs not in blobs yet
 	pending    map[digest.Digest]*pending
 	owner      map[string]digest.Digest // record key -> the blob it goes with
 	stored     int64                    // sum of entry costs
@@ -152,12 +157,20 @@ func New(inner storage.Driver, cfg Config) (*Store, error) {
 		pins:     pins,
 		blobs:    map[digest.Digest]*entry{},
 		deleting: map[digest.Digest]struct{}{},
+		opening:  map[digest.Digest]int{},
 		pending:  map[digest.Digest]*pending{},
 		owner:    map[string]digest.Digest{},
 		pinned:   map[digest.Digest]struct{}{},
 		resv:     map[digest.Digest][]*reservation{},
 		kick:     make(chan struct{}, 1),
 		pinKick:  make(chan struct{}, 1),
+	}
+	if cfg.Shared != nil {
+		if s.sh, err = newShared(*cfg.Shared); err != nil {
+			return nil, err
+		}
+	} else {
+		s.m.EvictLeader.Set(0)
 	}
 	s.m.LimitBytes.Set(float64(cfg.MaxSize))
 	return s, nil
@@ -170,10 +183,11 @@ func (s *Store) Inner() storage.Driver { return s.inner }
 // evictor listed its candidates is not evicted.
 func (s *Store) Stat(ctx context.Context, d digest.Digest) (int64, error) {
 	s.mu.Lock()
-	_, gone := s.deleting[d]
+	gone := s.refusedLocked(d)
 	if e := s.blobs[d]; e != nil && !gone {
 		e.atime = s.now().UnixNano()
 		s.dirty = true
+		s.touchLocked(d, e, false)
 	}
 	s.mu.Unlock()
 	if gone {
@@ -186,7 +200,7 @@ func (s *Store) Stat(ctx context.Context, d digest.Digest) (int64, error) {
 // the access that makes a blob recently used.
 func (s *Store) Open(ctx context.Context, d digest.Digest) (storage.Blob, error) {
 	s.mu.Lock()
-	if _, gone := s.deleting[d]; gone {
+	if s.refusedLocked(d) {
 		s.mu.Unlock()
 		return nil, errdefs.ErrNotFound
 	}
@@ -195,9 +209,21 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (storage.Blob, error)
 		e.refs++
 		e.atime = s.now().UnixNano()
 		s.dirty = true
+		s.touchLocked(d, e, false)
+	} else {
+		s.opening[d]++ // a reader already, for shared eviction's open set
 	}
 	s.mu.Unlock()
 	b, err := s.inner.Open(ctx, d)
+	if e == nil {
+		defer func() {
+			s.mu.Lock()
+			if s.opening[d]--; s.opening[d] <= 0 {
+				delete(s.opening, d)
+			}
+			s.mu.Unlock()
+		}()
+	}
 	if err != nil {
 		if e != nil {
 			s.mu.Lock()
@@ -212,17 +238,47 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (storage.Blob, error)
 	if e == nil {
 		e = s.added(d, b.Size(), true)
 	}
-	return &openBlob{Blob: b, release: func() {
+	ob := &openBlob{Blob: b, release: func() {
 		s.mu.Lock()
 		e.refs--
 		s.mu.Unlock()
-	}}, nil
+	}}
+	if s.sh != nil {
+		ob.check = func() error {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.fencedLocked() {
+				return errFenced
+			}
+			return nil
+		}
+	}
+	return ob, nil
 }
 
 type openBlob struct {
 	storage.Blob
 	once    sync.Once
 	release func()
+	check   func() error // shared eviction: a fenced replica's readers are cut off
+}
+
+func (b *openBlob) Read(p []byte) (int, error) {
+	if b.check != nil {
+		if err := b.check(); err != nil {
+			return 0, err
+		}
+	}
+	return b.Blob.Read(p)
+}
+
+func (b *openBlob) ReadAt(p []byte, off int64) (int, error) {
+	if b.check != nil {
+		if err := b.check(); err != nil {
+			return 0, err
+		}
+	}
+	return b.Blob.ReadAt(p, off)
 }
 
 func (b *openBlob) Close() error {
@@ -335,6 +391,7 @@ func (s *Store) ListRecords(ctx context.Context, prefix string, fn func(key stri
 func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
 	s.mu.Lock()
 	e := s.blobs[d]
+	fresh := e == nil
 	if e == nil {
 		e = &entry{size: size, records: map[string]struct{}{}}
 		s.blobs[d] = e
@@ -355,6 +412,7 @@ func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
 	}
 	e.atime = s.now().UnixNano()
 	s.dirty = true
+	s.touchLocked(d, e, fresh && !reading)
 	s.gaugesLocked()
 	s.mu.Unlock()
 	s.kickEvict()
@@ -407,6 +465,15 @@ func (s *Store) kickPins() {
 
 // gaugesLocked publishes the accounting; s.mu must be held.
 func (s *Store) gaugesLocked() {
+	if s.sh != nil && !s.sh.leader {
+		// A follower shows the leader's account of the bucket.
+		u := s.sh.usage
+		s.m.StoredBytes.Set(float64(u.Stored))
+		s.m.ReservedBytes.Set(float64(s.reserved))
+		s.m.Blobs.Set(float64(u.Blobs))
+		s.m.PinnedBytes.Set(float64(u.Pinned))
+		return
+	}
 	s.m.StoredBytes.Set(float64(s.stored + s.indexBytes))
 	s.m.ReservedBytes.Set(float64(s.reserved))
 	s.m.Blobs.Set(float64(len(s.blobs)))

@@ -17,6 +17,9 @@ type Store struct {
 	Errors           *prometheus.CounterVec
 	WalkedBlobs      prometheus.Counter
 	RecordsCollected *prometheus.CounterVec
+	// EvictLeader and DoomedBlobs are the replicas' shared eviction (docs/scaleout.md).
+	EvictLeader prometheus.Gauge
+	DoomedBlobs prometheus.Gauge
 }
 
 // NewStore creates the storage collectors, unregistered.
@@ -66,13 +69,21 @@ func NewStore() *Store {
 			Name: "cove_store_records_removed_total",
 			Help: "Records removed without their blob, by reason (orphan: their blob is gone; legacy: a format no longer read; expired: learned for a blob never stored).",
 		}, []string{"reason"}),
+		EvictLeader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cove_store_evict_leader",
+			Help: "1 on the replica that evicts for every replica on the bucket (the leader), 0 on the others and on a single cove-cache (which evicts for itself).",
+		}),
+		DoomedBlobs: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cove_store_doomed_blobs",
+			Help: "On the leader: blobs chosen for eviction and waiting until no replica can still be reading them.",
+		}),
 	}
 }
 
 // Register adds the collectors to reg.
 func (s *Store) Register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{s.LimitBytes, s.StoredBytes, s.ReservedBytes, s.PinnedBytes, s.Blobs,
-		s.Evictions, s.EvictedBytes, s.ReserveRefused, s.Errors, s.WalkedBlobs, s.RecordsCollected} {
+		s.Evictions, s.EvictedBytes, s.ReserveRefused, s.Errors, s.WalkedBlobs, s.RecordsCollected, s.EvictLeader, s.DoomedBlobs} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}
