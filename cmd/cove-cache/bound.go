@@ -57,9 +57,9 @@ func (o *boundOptions) validate(s3 bool) error {
 }
 
 // wrap bounds store; freeDir is the filesystem directory --storage-min-free watches
-// (empty for S3).
-func (o *boundOptions) wrap(store storage.Driver, freeDir string, m *metrics.Store, log *slog.Logger) (*evict.Store, error) {
-	cfg := evict.Config{MaxSize: o.maxBytes, MinFree: o.free, Pins: o.pins, Metrics: m, Logger: log}
+// (empty for S3); shared is set for a replica of a cluster (--peer).
+func (o *boundOptions) wrap(store storage.Driver, freeDir string, shared *evict.Shared, m *metrics.Store, log *slog.Logger) (*evict.Store, error) {
+	cfg := evict.Config{MaxSize: o.maxBytes, MinFree: o.free, Pins: o.pins, Shared: shared, Metrics: m, Logger: log}
 	if freeDir != "" {
 		cfg.Free = evict.FilesystemFree(freeDir)
 	}

@@ -156,7 +156,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	if err := o.fill.validate(); err != nil {
 		return nil, err
 	}
-	if err := o.peer.validate(o.s3.endpoint != "", o.bound.maxSize != ""); err != nil {
+	if err := o.peer.validate(o.s3.endpoint != ""); err != nil {
 		return nil, err
 	}
 	if err := o.drain.validate(); err != nil {
@@ -235,7 +235,7 @@ func serve(args []string, stderr io.Writer) int {
 		freeDir = o.storageDir
 	}
 	storeMetrics := metrics.NewStore()
-	store, err := o.bound.wrap(opened.store, freeDir, storeMetrics, log)
+	store, err := o.bound.wrap(opened.store, freeDir, o.peer.sharedEviction(clusterCfg), storeMetrics, log)
 	if err != nil {
 		log.Error("bounding storage failed", "error", err)
 		return 1

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"time"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/cove-oci/cove/internal/cli"
 	"github.com/cove-oci/cove/proxy/cluster"
+	"github.com/cove-oci/cove/proxy/evict"
 	"github.com/cove-oci/cove/proxy/server"
 )
 
@@ -26,6 +28,7 @@ type peerOptions struct {
 	kubeconfig string
 	advertise  string
 	secretFile string
+	syncEvery  time.Duration
 }
 
 func (o *peerOptions) register(fs *flag.FlagSet) {
@@ -34,11 +37,12 @@ func (o *peerOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.portName, "peers-port-name", "http", "with --peers-from-endpointslices: the `NAME` of the Service port replicas reach each other at")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "with --peers-from-endpointslices: a kubeconfig `FILE` (default: the pod's in-cluster ServiceAccount)")
 	fs.StringVar(&o.advertise, "advertise-url", "", "with --peer or --peers-from-endpointslices: this replica's own `URL`, as the others reach it")
+	fs.DurationVar(&o.syncEvery, "peer-sync-interval", 10*time.Second, "with --peer or --peers-from-endpointslices: how often each replica writes its eviction record to the bucket and reads the others' (a replica silent for 6 intervals is no longer waited for; docs/scaleout.md)")
 	fs.StringVar(&o.secretFile, "peer-secret-file", "", "with --peer or --peers-from-endpointslices: the `FILE` holding the secret every replica proves its peer requests with (at least 16 bytes; in Kubernetes a mounted Secret)")
 }
 
 // validate checks the flags; with none of them given there is no cluster.
-func (o *peerOptions) validate(s3 bool, bounded bool) error {
+func (o *peerOptions) validate(s3 bool) error {
 	if len(o.peers) > 0 && o.fromSlices != "" {
 		return errors.New("--peer and --peers-from-endpointslices exclude each other: the members come from one of them")
 	}
@@ -60,10 +64,8 @@ func (o *peerOptions) validate(s3 bool, bounded bool) error {
 	if !s3 {
 		return fmt.Errorf("%s needs --s3-endpoint: replicas share one store, and a filesystem store is one process's", flag)
 	}
-	if bounded {
-		// Each replica would evict by its own view of use: blobs another replica serves
-		// could go. Eviction shared by replicas is not built yet.
-		return fmt.Errorf("%s with --storage-max-size is not supported yet: replicas do not share an eviction index", flag)
+	if o.syncEvery <= 0 {
+		return errors.New("--peer-sync-interval must be positive")
 	}
 	if o.fromSlices != "" {
 		if _, _, err := o.service(); err != nil {
@@ -109,6 +111,16 @@ func (o *peerOptions) clusterConfig(log *slog.Logger) (*server.ClusterConfig, er
 		return nil, err
 	}
 	return &server.ClusterConfig{Membership: members, Self: self, Secret: secret}, nil
+}
+
+// sharedEviction is the bounded store's part in the cluster: the replicas evict
+// together through records in the bucket (package evict, docs/scaleout.md); nil without
+// a cluster.
+func (o *peerOptions) sharedEviction(c *server.ClusterConfig) *evict.Shared {
+	if c == nil {
+		return nil
+	}
+	return &evict.Shared{Self: c.Self, Members: c.Membership.Members, SyncInterval: o.syncEvery}
 }
 
 // service splits --peers-from-endpointslices.

@@ -27,7 +27,7 @@ func TestPeerFlagsFailClearly(t *testing.T) {
 		{with(s3, two, []string{"--peer-secret-file", "/x"}), "--peer needs --advertise-url"},
 		{with(s3, two, []string{"--advertise-url", "http://10.0.0.1:5005"}), "--peer-secret-file"},
 		{with([]string{"serve"}, two, []string{"--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x"}), "--s3-endpoint"},
-		{with(s3, two, []string{"--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x", "--storage-max-size", "1GiB"}), "--storage-max-size"},
+		{with(s3, two, []string{"--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x", "--peer-sync-interval", "0s"}), "--peer-sync-interval must be positive"},
 		{with(s3, two, []string{"--advertise-url", "http://10.0.0.3:5005", "--peer-secret-file", "/x"}), "not among the --peer"},
 		{with(s3, two, []string{"--advertise-url", "10.0.0.1:5005", "--peer-secret-file", "/x"}), "--advertise-url"},
 		{with(s3, []string{"--peer", "10.0.0.1:5005", "--advertise-url", "http://10.0.0.1:5005", "--peer-secret-file", "/x"}), "--peer"},

@@ -51,9 +51,21 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 		s.m.ReserveRefused.Inc()
 		return nil, fmt.Errorf("%w: %w: blob %s of %d bytes, store of %d bytes", fill.ErrLargerThanStore, errdefs.ErrResourceExhausted, key.Digest, size, max)
 	}
+	var current int64 = -1 // shared: what the bucket and every replica hold right now
+	if s.sh != nil && max > 0 {
+		var err error
+		if current, err = s.sharedUsed(ctx); err != nil {
+			s.m.ReserveRefused.Inc()
+			return nil, fmt.Errorf("%w: no room for blob %s: the replicas' usage is unreadable: %w", errdefs.ErrResourceExhausted, key.Digest, err)
+		}
+	}
 	for attempt := 0; ; attempt++ {
 		s.mu.Lock()
-		over := s.usedLocked() + cost - max
+		used := s.usedLocked()
+		if current >= 0 {
+			used = current + s.reserved
+		}
+		over := used + cost - max
 		if max == 0 || over <= 0 {
 			r := &reservation{cost: cost}
 			s.reserved += cost
@@ -61,6 +73,7 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 			s.gaugesLocked()
 			s.mu.Unlock()
 			s.kickEvict() // past the high watermark: make room ahead of the next fill
+			s.kickSync()  // the other replicas count it from the next record
 			return func(bool) {
 				s.mu.Lock()
 				s.endReservationLocked(key.Digest, r)
@@ -377,6 +390,8 @@ func (s *Store) sharedLoop(ctx context.Context) {
 			return
 		case <-s.kick:
 			s.evictAhead(ctx)
+		case <-s.syncKick:
+			_ = s.Sync(ctx)
 		case <-s.pinKick:
 			if s.IsLeader() {
 				s.resolvePins(ctx)

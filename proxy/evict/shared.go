@@ -2,9 +2,6 @@ package evict
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -50,68 +47,6 @@ type Shared struct {
 	StaleAfter time.Duration
 }
 
-const (
-	seenPrefix   = "evict/seen/"
-	doomedPrefix = "evict/doomed/"
-	usageKey     = "evict/usage"
-	leaderKey    = "evict"
-	sharedFormat = 1
-)
-
-// seenRecord is a replica's report (evict/seen/<member>).
-type seenRecord struct {
-	Version  int               `json:"version"`
-	Member   string            `json:"member"`
-	Seq      uint64            `json:"seq"`
-	Closed   bool              `json:"closed,omitempty"` // the replica stopped: not waited for
-	Acks     map[string]uint64 `json:"acks,omitempty"`   // doomed writer -> the seq installed
-	Open     []digest.Digest   `json:"open,omitempty"`
-	Reserved int64             `json:"reserved"`
-	Touched  []seenBlob        `json:"touched,omitempty"`
-	Records  []seenKey         `json:"records,omitempty"`
-}
-
-// seenBlob is a blob stored (Stored) or read by the reporting replica; Ts orders the
-// reporter's events, so the leader merges each once (usageRecord.Merged).
-type seenBlob struct {
-	Digest digest.Digest `json:"d"`
-	Size   int64         `json:"s"`
-	Atime  int64         `json:"a"`
-	Stored bool          `json:"stored,omitempty"`
-	Ts     uint64        `json:"t"`
-}
-
-type seenKey struct {
-	Key    string        `json:"k"`
-	Digest digest.Digest `json:"d"`
-	Ts     uint64        `json:"t"`
-}
-
-// doomedRecord is a leader's list of blobs being evicted (evict/doomed/<member>).
-type doomedRecord struct {
-	Version int             `json:"version"`
-	Member  string          `json:"member"`
-	Seq     uint64          `json:"seq"`
-	Doomed  []digest.Digest `json:"doomed"`
-}
-
-// usageRecord is the leader's account of the bucket (evict/usage).
-type usageRecord struct {
-	Version  int               `json:"version"`
-	Leader   string            `json:"leader"`
-	Stored   int64             `json:"stored"` // blobs, records and the index
-	Pinned   int64             `json:"pinned"`
-	Blobs    int               `json:"blobs"`
-	Reserved map[string]int64  `json:"reserved,omitempty"` // live replica -> reserved bytes
-	Merged   map[string]uint64 `json:"merged,omitempty"`   // replica -> last Ts merged
-}
-
-// memberKey is a member's record name: a hash, as URLs do not make record keys.
-func memberKey(prefix, member string) string {
-	h := sha256.Sum256([]byte(member))
-	return prefix + hex.EncodeToString(h[:16])
-}
-
 type touch struct {
 	size   int64
 	atime  int64
@@ -154,6 +89,8 @@ type sharedState struct {
 	openElsewhere  map[digest.Digest]struct{}
 	doomed         map[digest.Digest]*doom
 	doomedCost     int64
+	mergedSnap     map[string]uint64 // the leader's merged, for reservations
+	stale          map[string]bool   // replicas whose record stopped changing
 
 	syncMu      sync.Mutex
 	seq         uint64
@@ -164,6 +101,7 @@ type sharedState struct {
 	merged      map[string]uint64
 	deletedAt   map[digest.Digest]time.Time
 	failing     bool
+	manual      bool // tests: rounds only when Sync is called
 	reconciling sync.WaitGroup
 }
 
@@ -305,6 +243,13 @@ func (s *Store) Sync(ctx context.Context) error {
 		sh.failing = false
 		s.log.Info("shared eviction records reachable again")
 	}
+	stale := map[string]bool{}
+	for m := range peers {
+		stale[m] = !s.fresh(sh.peers[m], now)
+	}
+	s.mu.Lock()
+	sh.stale = stale
+	s.mu.Unlock()
 	live := []string{}
 	for _, m := range sh.cfg.Members() {
 		if p := peers[m]; m == sh.cfg.Self || (p != nil && !p.Closed && s.fresh(sh.peers[m], now)) {
@@ -485,25 +430,6 @@ func (s *Store) followerUsedLocked() int64 {
 		}
 	}
 	return used
-}
-
-func (s *Store) putJSON(ctx context.Context, key string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	return s.inner.PutRecord(ctx, key, b)
-}
-
-func (s *Store) getJSON(ctx context.Context, key string, v any) error {
-	b, err := s.inner.GetRecord(ctx, key)
-	if err != nil {
-		return err
-	}
-	if err := json.Unmarshal(b, v); err != nil {
-		return fmt.Errorf("%w: %s: %v", errdefs.ErrDataLoss, key, err)
-	}
-	return nil
 }
 
 // closeShared writes a last record saying this replica stopped (not waited for) and,

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -28,6 +29,7 @@ func (s *Store) lead(ctx context.Context, peers map[string]*seenRecord, now time
 		}
 	}
 	s.merge(ctx, peers, live)
+	s.forgetGone(ctx, now)
 	s.deleteDoomed(ctx, live, now)
 	s.evictAhead(ctx)
 
@@ -67,6 +69,7 @@ func (s *Store) lead(ctx context.Context, peers map[string]*seenRecord, now time
 	for m, ts := range sh.merged {
 		u.Merged[m] = ts
 	}
+	sh.mergedSnap = u.Merged
 	// The leader merges its own uses directly.
 	sh.touched, sh.recs = map[digest.Digest]*touch{}, map[string]*recTouch{}
 	sh.usage = u
@@ -246,5 +249,26 @@ func (s *Store) deleteDoomed(ctx context.Context, live map[string]*seenRecord, n
 			sh.deletedAt[d] = now
 		}
 		s.mu.Unlock()
+	}
+}
+
+// forgetGone removes the records of replicas that left: silent for twice StaleAfter
+// and no longer members (a pod replaced under a new address leaves one behind).
+func (s *Store) forgetGone(ctx context.Context, now time.Time) {
+	sh := s.sh
+	members := sh.cfg.Members()
+	for m, v := range sh.peers {
+		if now.Sub(v.changed) <= 2*sh.cfg.StaleAfter || slices.Contains(members, m) {
+			continue
+		}
+		for _, k := range []string{memberKey(seenPrefix, m), memberKey(doomedPrefix, m)} {
+			if err := s.inner.DeleteRecord(ctx, k); err != nil && !errdefs.IsNotFound(err) {
+				s.log.Warn("removing a departed replica's record failed", "member", m, "error", err)
+				return
+			}
+		}
+		delete(sh.peers, m)
+		delete(sh.writers, m)
+		s.log.Info("removed the eviction records of a replica that left", "member", m)
 	}
 }

@@ -104,6 +104,7 @@ type Store struct {
 	swept      bool // legacy records removed once (persisted)
 
 	kick      chan struct{}
+	syncKick  chan struct{}
 	pinKick   chan struct{}
 	pinsDirty atomic.Bool
 	closed    atomic.Bool // the clean index is written: a later change must unmark it
@@ -163,6 +164,7 @@ func New(inner storage.Driver, cfg Config) (*Store, error) {
 		pinned:   map[digest.Digest]struct{}{},
 		resv:     map[digest.Digest][]*reservation{},
 		kick:     make(chan struct{}, 1),
+		syncKick: make(chan struct{}, 1),
 		pinKick:  make(chan struct{}, 1),
 	}
 	if cfg.Shared != nil {
@@ -416,6 +418,9 @@ func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
 	s.gaugesLocked()
 	s.mu.Unlock()
 	s.kickEvict()
+	if fresh && !reading {
+		s.kickSync()
+	}
 	s.changedAfterClose()
 	return e
 }
@@ -448,6 +453,18 @@ func (s *Store) forget(d digest.Digest, e *entry) {
 func (s *Store) kickEvict() {
 	select {
 	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// kickSync asks for a shared eviction round now: what this replica reserved or stored
+// reaches the others' reservations within one round trip rather than one interval.
+func (s *Store) kickSync() {
+	if s.sh == nil || s.sh.manual {
+		return
+	}
+	select {
+	case s.syncKick <- struct{}{}:
 	default:
 	}
 }
