@@ -177,6 +177,18 @@ func (s *Store) recordTouchLocked(key string, d digest.Digest) {
 	s.sh.recs[key] = &recTouch{d: d, ts: s.sh.touchSeq}
 }
 
+// kickSync asks for a shared eviction round now: what this replica reserved or stored
+// reaches the others' reservations within one round trip rather than one interval.
+func (s *Store) kickSync() {
+	if s.sh == nil || s.sh.manual {
+		return
+	}
+	select {
+	case s.syncKick <- struct{}{}:
+	default:
+	}
+}
+
 // IsLeader reports whether this replica evicts for all (always true for a Store of
 // its own).
 func (s *Store) IsLeader() bool {

@@ -238,7 +238,11 @@ func (s *Store) deleteDoomed(ctx context.Context, live map[string]*seenRecord, n
 	}
 	s.mu.Unlock()
 	for _, d := range ready {
-		freed := s.removeBlob(ctx, d, anyAtime, triggerMaxSize)
+		// Bounded: a store that makes a DELETE wait (MinIO does, for a GET in progress)
+		// must not stall the rounds that keep this leader's records fresh.
+		dctx, cancel := context.WithTimeout(ctx, sh.cfg.StaleAfter/4)
+		freed := s.removeBlob(dctx, d, anyAtime, triggerMaxSize)
+		cancel()
 		s.mu.Lock()
 		if dm := sh.doomed[d]; dm != nil {
 			delete(sh.doomed, d)

@@ -457,18 +457,6 @@ func (s *Store) kickEvict() {
 	}
 }
 
-// kickSync asks for a shared eviction round now: what this replica reserved or stored
-// reaches the others' reservations within one round trip rather than one interval.
-func (s *Store) kickSync() {
-	if s.sh == nil || s.sh.manual {
-		return
-	}
-	select {
-	case s.syncKick <- struct{}{}:
-	default:
-	}
-}
-
 func (s *Store) kickPins() {
 	if len(s.pins.patterns) == 0 {
 		return
