@@ -59,7 +59,7 @@ func NewStore() *Store {
 		}),
 		Errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cove_store_errors_total",
-			Help: "Storage operations that failed, by operation (put, delete, delete-record, index, walk, sweep, pins, statfs).",
+			Help: "Storage operations that failed, by operation (put, delete, delete-record, index, walk, sweep, pins, statfs, shared).",
 		}, []string{"operation"}),
 		WalkedBlobs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cove_store_walked_blobs_total",
