@@ -97,6 +97,13 @@ func (s *Store) becomeLeader(ctx context.Context) {
 	for m, ts := range sh.usage.Merged {
 		sh.merged[m] = max(sh.merged[m], ts)
 	}
+	// A follower does not account what it keeps (it shows the leader's usage): count it.
+	s.mu.Lock()
+	s.stored = 0
+	for _, e := range s.blobs {
+		s.stored += e.cost()
+	}
+	s.mu.Unlock()
 	s.loadIndex(ctx)
 	s.loadPins(ctx)
 	sh.reconciling.Add(1)
