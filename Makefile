@@ -7,13 +7,18 @@ export COVE_TOOLS ?= $(HOME)/.cache/cove-tools
 # Fuzz time per target inside `make test`; run longer by hand: make fuzz FUZZTIME=5m
 FUZZTIME  ?= 10s
 
-.PHONY: all build tools test unit fuzz bench run clean
+.PHONY: all build image tools test unit fuzz bench run clean
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/cove-cache ./cmd/cove-cache
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/cove-node ./cmd/cove-node
+
+# The image both manifests run (install/kubernetes), built and pushed without a container
+# engine: make image IMAGE=registry.example/cove:v1 [BASE=debian:trixie-slim]. See hack/image.sh.
+image:
+	IMAGE='$(IMAGE)' BASE='$(BASE)' VERSION='$(VERSION)' GO='$(GO)' ./hack/image.sh
 
 tools:
 	./hack/tools.sh
