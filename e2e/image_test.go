@@ -198,6 +198,7 @@ func serveReadOnly(t *testing.T, ctx context.Context, c *peers.Containerd, ref s
 			for _, id := range f[1:] {
 				if id != "65532" {
 					t.Errorf("cove-cache in the image runs with %s, want 65532 for every id", line)
+					break
 				}
 			}
 		}
