@@ -18,7 +18,6 @@ import (
 	"github.com/containerd/plugin"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/opencontainers/go-digest"
 
@@ -31,7 +30,8 @@ import (
 const (
 	// TypeMirror is the resolver hook: containerd's _default registry mirror.
 	TypeMirror plugin.Type = "io.cove.node.mirror.v1"
-	// TypeServer is the loopback HTTP server that carries the mirror and /metrics.
+	// TypeServer is an HTTP server: "http", the loopback one that carries the mirror and
+	// /metrics; "metrics", the one that carries /metrics alone (metricsserver.go).
 	TypeServer plugin.Type = "io.cove.node.server.v1"
 	// TypePrefill fills the content store with the blobs of manifests the mirror served.
 	TypePrefill plugin.Type = "io.cove.node.prefill.v1"
@@ -41,6 +41,9 @@ const (
 type Config struct {
 	// Addr is the loopback address of the resolver hook and /metrics.
 	Addr string
+	// MetricsAddr is the address of a second listener that serves /metrics and /healthz
+	// and nothing else, so it may be reachable from off the node (Prometheus); "" none.
+	MetricsAddr string
 	// Mirror configures the resolver hook.
 	Mirror mirror.Config
 	// Content configures the content hook; an empty Root switches it (and the prefill,
@@ -80,6 +83,12 @@ func Registrations() plugin.Registry {
 		Requires: []plugin.Type{TypeMirror},
 		InitFn:   initServer,
 	})
+	reg = reg.Register(&plugin.Registration{
+		Type:     TypeServer,
+		ID:       "metrics",
+		Requires: []plugin.Type{TypeMirror},
+		InitFn:   initMetricsServer,
+	})
 	return reg
 }
 
@@ -87,8 +96,14 @@ func Registrations() plugin.Registry {
 type Agent struct {
 	plugins *plugin.Set
 	servers []*http.Server
+	// listeners are the servers' listeners, closed by Close itself: a server's Serve
+	// goroutine may not have started (a part after it failed to start), and its port is
+	// to be free when Close returns.
+	listeners []net.Listener
 	closers []io.Closer
 	Addr    string
+	// MetricsAddr is the metrics listener's address, when it runs.
+	MetricsAddr string
 	// ContentSocket is the content hook's socket, when it runs.
 	ContentSocket string
 }
@@ -144,6 +159,9 @@ func (a *Agent) Close() {
 	defer cancel()
 	for _, s := range a.servers {
 		_ = s.Shutdown(ctx)
+	}
+	for _, ln := range a.listeners {
+		_ = ln.Close()
 	}
 	for _, c := range a.closers {
 		_ = c.Close()
@@ -205,11 +223,9 @@ func initServer(ic *plugin.InitContext) (interface{}, error) {
 	if err != nil {
 		return nil, err
 	}
-	mux := http.NewServeMux()
+	mux := metricsMux(d.metrics)
 	mux.Handle("/v2/", m.(http.Handler))
 	mux.Handle("/v2", m.(http.Handler))
-	mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	ln, err := net.Listen("tcp", d.cfg.Addr)
 	if err != nil {
 		return nil, err
@@ -221,6 +237,7 @@ func initServer(ic *plugin.InitContext) (interface{}, error) {
 		ErrorLog:          slog.NewLogLogger(d.cfg.Logger.Handler(), slog.LevelWarn),
 	}
 	d.agent.servers = append(d.agent.servers, srv)
+	d.agent.listeners = append(d.agent.listeners, ln)
 	d.agent.Addr = ln.Addr().String()
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
