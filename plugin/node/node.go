@@ -100,8 +100,8 @@ type Agent struct {
 	// goroutine may not have started (a part after it failed to start), and its port is
 	// to be free when Close returns.
 	listeners []net.Listener
-	closers []io.Closer
-	Addr    string
+	closers   []io.Closer
+	Addr      string
 	// MetricsAddr is the metrics listener's address, when it runs.
 	MetricsAddr string
 	// ContentSocket is the content hook's socket, when it runs.
