@@ -74,6 +74,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 type options struct {
 	addr          string
+	metricsAddr   string
 	caches        cli.Repeated
 	root          string
 	contentSocket string
@@ -92,6 +93,7 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	fs := flag.NewFlagSet("cove-node serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:5006", "loopback `HOST:PORT` of the resolver hook (containerd's _default mirror)")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "also serve /metrics (and /healthz), and nothing else, on `HOST:PORT`, which may be off loopback for Prometheus (0.0.0.0 binds every interface); empty: /metrics on --addr only")
 	fs.Var(&o.caches, "cache", "cove-cache base `URL` (repeatable: several are replicas of one cove-cache, their --advertise-url; each blob goes to the one that owns it, then the next in rank)")
 	o.slices.register(fs)
 	fs.StringVar(&o.cacheCA, "cache-ca", "", "PEM bundle `FILE` of the CA certificates that verify https:// --cache URLs, used instead of the system roots")
@@ -123,6 +125,14 @@ func parseServe(args []string, stderr io.Writer) (*options, error) {
 	}
 	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		return nil, fmt.Errorf("--addr %q: the resolver hook serves this node's containerd only: use a loopback address", o.addr)
+	}
+	if o.metricsAddr != "" {
+		if err := node.CheckMetricsAddr(o.metricsAddr); err != nil {
+			return nil, fmt.Errorf("--metrics-addr: %v", err)
+		}
+		if o.metricsAddr == o.addr {
+			return nil, fmt.Errorf("--metrics-addr %q is --addr: give the metrics listener its own port", o.metricsAddr)
+		}
 	}
 	for _, c := range o.caches {
 		u, err := url.Parse(c)
@@ -234,7 +244,7 @@ func serve(args []string, stderr io.Writer) int {
 			}
 		}()
 	}
-	ncfg := node.Config{Addr: o.addr, Mirror: o.cfg, Logger: log}
+	ncfg := node.Config{Addr: o.addr, MetricsAddr: o.metricsAddr, Mirror: o.cfg, Logger: log}
 	if o.contentSocket != "" {
 		ncfg.Content = content.Config{Root: o.contentRoot, Socket: o.contentSocket, ContainerdAddress: o.containerd}
 	}
@@ -243,7 +253,7 @@ func serve(args []string, stderr io.Writer) int {
 		log.Error("starting cove-node failed", "error", err)
 		return 1
 	}
-	log.Info("cove-node serving", "addr", agent.Addr, "content_socket", agent.ContentSocket, "version", version.Version)
+	log.Info("cove-node serving", "addr", agent.Addr, "metrics_addr", agent.MetricsAddr, "content_socket", agent.ContentSocket, "version", version.Version)
 	go checkCacheTLS(ctx, log, o.caches, o.cfg.TLSConfig, o.cfg.ConnectTimeout)
 	<-ctx.Done()
 	log.Info("shutting down")

@@ -19,6 +19,11 @@ func TestBadFlagsFailClearly(t *testing.T) {
 	}{
 		{[]string{"serve", "--addr", "0.0.0.0:5006"}, "loopback"},
 		{[]string{"serve", "--addr", "nope"}, "--addr"},
+		{[]string{"serve", "--metrics-addr", "nope"}, "--metrics-addr"},
+		{[]string{"serve", "--metrics-addr", ":5007"}, "name the host"},
+		{[]string{"serve", "--metrics-addr", "10.0.0.1:metrics"}, "--metrics-addr"},
+		{[]string{"serve", "--metrics-addr", "10.0.0.1:70000"}, "--metrics-addr"},
+		{[]string{"serve", "--addr", "127.0.0.1:5006", "--metrics-addr", "127.0.0.1:5006"}, "its own port"},
 		{[]string{"serve", "--cache", "cove-cache:5005"}, "--cache"},
 		{[]string{"serve", "--cache", "http://user:pw@cache:5005"}, "--cache"},
 		{[]string{"serve", "--cache", "ftp://cache:5005"}, "--cache"},
@@ -113,5 +118,20 @@ func TestServeEndpointSlicesNeedsAPIConfig(t *testing.T) {
 	code := run([]string{"serve", "--addr", "127.0.0.1:0", "--root", t.TempDir(), "--caches-from-endpointslices", "cove/cove-cache"}, &out, &errb)
 	if code != 1 || !strings.Contains(errb.String(), "Kubernetes API configuration") {
 		t.Fatalf("exit %d, %q; want 1 naming the Kubernetes API configuration", code, errb.String())
+	}
+}
+
+// --metrics-addr may name an address off loopback (the node's, for Prometheus): only the
+// resolver hook's --addr must be loopback.
+func TestServeMetricsAddrOffLoopback(t *testing.T) {
+	var errb bytes.Buffer
+	for _, a := range []string{"10.0.0.1:5007", "0.0.0.0:5007", "[fd00::1]:5007", "127.0.0.1:5007"} {
+		o, err := parseServe([]string{"--metrics-addr", a}, &errb)
+		if err != nil || o.metricsAddr != a || o.addr != "127.0.0.1:5006" {
+			t.Errorf("--metrics-addr %s: %+v, %v", a, o, err)
+		}
+	}
+	if o, err := parseServe(nil, &errb); err != nil || o.metricsAddr != "" {
+		t.Errorf("default --metrics-addr %q, %v; want none", o.metricsAddr, err)
 	}
 }
