@@ -19,6 +19,8 @@ func TestInstallSubcommandsRefuseBadFlags(t *testing.T) {
 		{[]string{"install", "--host-root", dir, "--cache", "http://c:5005"}, "--systemctl"},
 		{[]string{"install", "--root-dir", dir, "--no-restart", "--cache", "http://c:5005", "stray"}, "unknown argument 'stray'"},
 		{[]string{"install", "--cache"}, "needs a value"},
+		{[]string{"install", "--root-dir", dir, "--no-restart", "--cache", "http://c:5005", "--metrics-addr", "10.0.0.1"}, "--metrics-addr '10.0.0.1': want HOST:PORT"},
+		{[]string{"install", "--root-dir", dir, "--no-restart", "--cache", "http://c:5005", "--metrics-addr", "127.0.0.1:5006"}, "its own port"},
 		{[]string{"uninstall", "--cache", "http://c:5005"}, "uninstall takes only"},
 		{[]string{"uninstall", "--content-hook"}, "uninstall takes only"},
 		{[]string{"uninstall", "--root-dir", dir}, "--no-restart"},
@@ -38,5 +40,13 @@ func TestInstallHelp(t *testing.T) {
 		if code := run([]string{cmd, "-h"}, &out, &errb); code != 0 || !strings.Contains(errb.String(), "Usage") || !strings.Contains(errb.String(), "-root-dir") {
 			t.Errorf("%s -h: %d %q", cmd, code, errb.String())
 		}
+	}
+}
+
+func TestInstallTakesMetricsAddr(t *testing.T) {
+	var errb bytes.Buffer
+	o, err := parseInstall([]string{"--root-dir", t.TempDir(), "--no-restart", "--cache", "http://c:5005", "--metrics-addr=10.1.2.3:5007"}, &errb)
+	if err != nil || o.MetricsAddr != "10.1.2.3:5007" {
+		t.Fatalf("install --metrics-addr=10.1.2.3:5007: %+v, %v", o, err)
 	}
 }

@@ -95,8 +95,11 @@ type Options struct {
 	Kubeconfig, KubeTokenFile  string
 	KubeCAFile                 string
 	Addr                       string
-	PlainHTTP                  []string
-	HostsDir                   string
+	// MetricsAddr is cove-node's --metrics-addr, the listener that serves /metrics alone
+	// and may be off loopback ("" none).
+	MetricsAddr string
+	PlainHTTP   []string
+	HostsDir    string
 	// ContainerdConfig is containerd's root config; ContainerdBin the binary that checks
 	// the result ("" finds one).
 	ContainerdConfig string
@@ -165,6 +168,8 @@ var (
 	cacheURL = regexp.MustCompile(`^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:([0-9]{1,5}))?/?$`)
 	loopback = regexp.MustCompile(`^(127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}|localhost|\[::1\]):([0-9]{1,5})$`)
 	hostPort = regexp.MustCompile(`^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$`)
+	// listenAddr is a HOST:PORT to bind: an IP address or a name, and a port.
+	listenAddr = regexp.MustCompile(`^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})$`)
 )
 
 // validateCommon fills in the defaults install and uninstall share (prog names the
@@ -244,6 +249,9 @@ func (o *Options) Validate() error {
 	if strings.HasPrefix(m[1], "127.") && net.ParseIP(m[1]) == nil {
 		return usagef("--addr '%s': not an IPv4 address", o.Addr)
 	}
+	if err := o.validateMetricsAddr(); err != nil {
+		return err
+	}
 	for _, h := range o.PlainHTTP {
 		if !hostPort.MatchString(h) {
 			return usagef("--origin-plain-http '%s': want a registry HOST:PORT", h)
@@ -274,6 +282,25 @@ func (o *Options) Validate() error {
 		if st, err := os.Stat(o.ContainerdBin); err != nil || st.Mode()&0o111 == 0 {
 			return usagef("--containerd-bin '%s': not an executable", o.ContainerdBin)
 		}
+	}
+	return nil
+}
+
+// validateMetricsAddr checks MetricsAddr: it goes into the unit's command line unquoted,
+// and cove-node binds it, beside Addr.
+func (o *Options) validateMetricsAddr() error {
+	if o.MetricsAddr == "" {
+		return nil
+	}
+	m := listenAddr.FindStringSubmatch(o.MetricsAddr)
+	if m == nil {
+		return usagef("--metrics-addr '%s': want HOST:PORT, the host an IP address of this node (or 0.0.0.0 for every interface)", o.MetricsAddr)
+	}
+	if n, _ := strconv.Atoi(m[2]); n < 1 || n > 65535 {
+		return usagef("--metrics-addr '%s': port out of range", o.MetricsAddr)
+	}
+	if o.MetricsAddr == o.Addr {
+		return usagef("--metrics-addr '%s' is --addr: give the metrics listener its own port", o.MetricsAddr)
 	}
 	return nil
 }

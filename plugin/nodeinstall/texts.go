@@ -11,6 +11,9 @@ import (
 // containerd's root and gRPC socket as containerd reads them.
 func (o *Options) unitFile(ctdRoot, ctdAddress string) string {
 	args := []string{"serve", "--addr", o.Addr}
+	if o.MetricsAddr != "" {
+		args = append(args, "--metrics-addr", o.MetricsAddr)
+	}
 	for _, c := range o.Caches {
 		args = append(args, "--cache", c)
 	}
