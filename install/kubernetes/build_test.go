@@ -29,7 +29,7 @@ func repoRoot() string { return filepath.Join(dir(), "..", "..") }
 
 // built is what `kustomize build install/kubernetes` makes, decoded: typed objects from
 // client-go's scheme by kind/name, and the objects of kinds outside it (the
-// ServiceMonitor) as unstructured.
+// ServiceMonitor, the PodMonitor) as unstructured.
 type built struct {
 	typed   map[string]k8sruntime.Object
 	untyped map[string]*unstructured.Unstructured

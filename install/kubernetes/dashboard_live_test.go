@@ -1,6 +1,7 @@
 package kubernetes_test
 
 import (
+	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -11,9 +12,9 @@ import (
 )
 
 // TestDashboardMetricsExported: every metric every dashboard query selects is exported
-// by a live cove-cache (or, cove_node_*, a live cove-node) after an image was pulled
-// through both, with every label the query names, and the exact label values it
-// matches on.
+// by a live cove-cache (or, cove_node_*, a live cove-node's metrics listener, which the
+// PodMonitor scrapes) after an image was pulled through both, with every label the query
+// names, and the exact label values it matches on.
 func TestDashboardMetricsExported(t *testing.T) {
 	queries := dashboardQueries(t, build(t, dir()))
 	// The panels the issue asks for: hit ratio, egress saved per registry, fills,
@@ -28,10 +29,14 @@ func TestDashboardMetricsExported(t *testing.T) {
 	origin := peers.StartRegistry(t)
 	img := peers.PushRandomImage(t, origin.Addr, "team/app:v1", 2, 256<<10)
 	cove := peers.StartCove(t, "", "--origin-plain-http", origin.Addr)
-	node := peers.StartCoveNode(t, []string{cove.URL}, "--origin-plain-http", origin.Addr)
+	// Prometheus scrapes cove-node where the PodMonitor points: the metrics listener
+	// (--metrics-addr, written as the DaemonSet writes it), not the loopback hook.
+	metricsPort := freePort(t)
+	node := peers.StartCoveNode(t, []string{cove.URL}, "--origin-plain-http", origin.Addr,
+		"--metrics-addr", "[127.0.0.1]:"+metricsPort)
 	pullThrough(t, node.URL, origin.Addr, img) // misses: fills
 	pullThrough(t, node.URL, origin.Addr, img) // hits
-	cacheFams, nodeFams := scrape(t, cove.URL), scrape(t, node.URL)
+	cacheFams, nodeFams := scrape(t, cove.URL), scrape(t, "http://127.0.0.1:"+metricsPort)
 
 	checked := 0
 	for _, q := range queries {
@@ -95,4 +100,16 @@ func TestDashboardCheckCatchesMistakes(t *testing.T) {
 	if _, err := queryUses(`sum(rate(cove_requests_total[5m])`); err == nil {
 		t.Error("an unbalanced query parsed")
 	}
+}
+
+// freePort is a TCP port free on 127.0.0.1 now (the process given it binds it soon after).
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	return port
 }

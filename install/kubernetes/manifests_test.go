@@ -18,7 +18,7 @@ import (
 
 // TestManifestsBuildAndDecodeStrictly: the kustomization builds, every object of a kind
 // client-go knows decodes with unknown fields refused, and nothing else is left over but
-// the ServiceMonitor. Every namespaced object lands in the cove namespace.
+// the ServiceMonitor and the PodMonitor. Every namespaced object lands in the cove namespace.
 func TestManifestsBuildAndDecodeStrictly(t *testing.T) {
 	b := build(t, dir())
 	for _, want := range []string{
@@ -34,8 +34,8 @@ func TestManifestsBuildAndDecodeStrictly(t *testing.T) {
 			t.Errorf("missing %s", want)
 		}
 	}
-	if len(b.untyped) != 1 || b.untyped[key("ServiceMonitor", namespace, cacheName)] == nil {
-		t.Errorf("objects outside client-go's scheme: %v; want only the ServiceMonitor", b.keys())
+	if len(b.untyped) != 2 || b.untyped[key("ServiceMonitor", namespace, cacheName)] == nil || b.untyped[key("PodMonitor", namespace, nodeName)] == nil {
+		t.Errorf("objects outside client-go's scheme: %v; want only the ServiceMonitor and the PodMonitor", b.keys())
 	}
 	for k, obj := range b.typed {
 		if strings.HasPrefix(k, "Namespace/") {
