@@ -43,10 +43,14 @@ func TestInstallHelp(t *testing.T) {
 	}
 }
 
+// install --metrics-addr takes the node's address, bracketed or not (the DaemonSet
+// writes [$(NODE_IP)]:5007, for IPv4 and IPv6 nodes alike).
 func TestInstallTakesMetricsAddr(t *testing.T) {
 	var errb bytes.Buffer
-	o, err := parseInstall([]string{"--root-dir", t.TempDir(), "--no-restart", "--cache", "http://c:5005", "--metrics-addr=10.1.2.3:5007"}, &errb)
-	if err != nil || o.MetricsAddr != "10.1.2.3:5007" {
-		t.Fatalf("install --metrics-addr=10.1.2.3:5007: %+v, %v", o, err)
+	for _, a := range []string{"10.1.2.3:5007", "[10.1.2.3]:5007", "[fd00::3]:5007", "0.0.0.0:5007"} {
+		o, err := parseInstall([]string{"--root-dir", t.TempDir(), "--no-restart", "--cache", "http://c:5005", "--metrics-addr=" + a}, &errb)
+		if err != nil || o.MetricsAddr != a {
+			t.Errorf("install --metrics-addr=%s: %+v, %v", a, o, err)
+		}
 	}
 }

@@ -125,7 +125,8 @@ func TestServeEndpointSlicesNeedsAPIConfig(t *testing.T) {
 // resolver hook's --addr must be loopback.
 func TestServeMetricsAddrOffLoopback(t *testing.T) {
 	var errb bytes.Buffer
-	for _, a := range []string{"10.0.0.1:5007", "0.0.0.0:5007", "[fd00::1]:5007", "127.0.0.1:5007"} {
+	// [10.0.0.1]:5007 is what the DaemonSet's [$(NODE_IP)]:5007 becomes on an IPv4 node.
+	for _, a := range []string{"10.0.0.1:5007", "0.0.0.0:5007", "[fd00::1]:5007", "[10.0.0.1]:5007", "127.0.0.1:5007"} {
 		o, err := parseServe([]string{"--metrics-addr", a}, &errb)
 		if err != nil || o.metricsAddr != a || o.addr != "127.0.0.1:5006" {
 			t.Errorf("--metrics-addr %s: %+v, %v", a, o, err)
