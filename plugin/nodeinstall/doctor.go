@@ -73,6 +73,7 @@ func Doctor(ctx context.Context, o DoctorOptions) []Check {
 	d.checkPullPath()
 	d.checkHosts()
 	d.checkCoveNode(ctx)
+	d.checkMetricsListener(ctx)
 	return d.checks
 }
 
@@ -100,19 +101,23 @@ type doctor struct {
 	configPath string         // CRI's registry config_path
 	files      []string       // the config files containerd loads (host paths)
 	addrFrom   string
+	// metricsAddr is the installed unit's --metrics-addr ("" none).
+	metricsAddr string
 }
 
 func (d *doctor) add(name string, v Verdict, detail, fix string) {
 	d.checks = append(d.checks, Check{Name: name, Verdict: v, Detail: detail, Fix: fix})
 }
 
-// addr finds cove-node's address: the flag, the installed unit's --addr, the default.
+// addr finds cove-node's address: the flag, the installed unit's --addr, the default;
+// and the installed unit's --metrics-addr.
 func (d *doctor) addr() {
-	if d.Addr != "" {
+	addrFlag := d.Addr != ""
+	if addrFlag {
 		d.addrFrom = "--addr"
-		return
+	} else {
+		d.Addr, d.addrFrom = DefaultAddr, "the default"
 	}
-	d.Addr, d.addrFrom = DefaultAddr, "the default"
 	unit, err := os.ReadFile(d.File(UnitPath))
 	if err != nil {
 		return
@@ -120,9 +125,12 @@ func (d *doctor) addr() {
 	for _, line := range strings.Split(string(unit), "\n") {
 		if cmd, ok := strings.CutPrefix(line, "ExecStart="); ok {
 			f := strings.Fields(cmd)
-			for i := range f {
-				if f[i] == "--addr" && i+1 < len(f) {
+			for i := 0; i+1 < len(f); i++ {
+				switch {
+				case f[i] == "--addr" && !addrFlag:
 					d.Addr, d.addrFrom = f[i+1], UnitPath
+				case f[i] == "--metrics-addr":
+					d.metricsAddr = f[i+1]
 				}
 			}
 		}

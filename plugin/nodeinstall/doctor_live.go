@@ -2,8 +2,10 @@ package nodeinstall
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -191,4 +193,59 @@ func (d *doctor) checkCoveNode(ctx context.Context) {
 		return
 	}
 	d.add(name, OK, detail, "")
+}
+
+// checkMetricsListener probes the installed unit's --metrics-addr, where Prometheus
+// scrapes cove-node: a warning, not a failure, when it does not answer (pulls do not
+// depend on it). No line without one.
+func (d *doctor) checkMetricsListener(ctx context.Context) {
+	if d.metricsAddr == "" {
+		return
+	}
+	const name = "metrics"
+	host, port, err := net.SplitHostPort(d.metricsAddr)
+	if err != nil {
+		d.add(name, Warn, fmt.Sprintf("%s names --metrics-addr %q, which is no HOST:PORT", UnitPath, d.metricsAddr), "run cove-node install again with a HOST:PORT")
+		return
+	}
+	switch host {
+	case "0.0.0.0", "":
+		host = "127.0.0.1"
+	case "::":
+		host = "::1"
+	}
+	u := "http://" + net.JoinHostPort(host, port) + "/metrics"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		d.add(name, Warn, fmt.Sprintf("%s: %v", u, err), "")
+		return
+	}
+	err = scrapeCoveNode((&http.Client{Timeout: d.Timeout}), req)
+	if err != nil {
+		d.add(name, Warn, fmt.Sprintf("cove-node's metrics listener (--metrics-addr %s in %s) does not serve /metrics at %s (%v): scrapers get no cove-node metrics", d.metricsAddr, UnitPath, u, err),
+			"journalctl -u cove-node (metrics listener), and check the address is this node's")
+		return
+	}
+	d.add(name, OK, fmt.Sprintf("cove-node serves /metrics for scrapers at %s (--metrics-addr %s)", u, d.metricsAddr), "")
+}
+
+// scrapeCoveNode GETs req and checks that the answer is cove-node's metrics.
+func scrapeCoveNode(c *http.Client, req *http.Request) error {
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return errors.New(resp.Status)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return err
+	}
+	if fams["cove_node_caches_bypassed"] == nil {
+		return errors.New("no cove_node_caches_bypassed metric: is it cove-node?")
+	}
+	return nil
 }
