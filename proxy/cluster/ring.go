@@ -16,8 +16,9 @@ type Ring struct {
 	downFor time.Duration
 	now     func() time.Time
 
-	mu   sync.Mutex
-	down map[string]time.Time // member -> until when it is skipped
+	mu      sync.Mutex
+	down    map[string]time.Time // member -> until when it is skipped
+	leaving map[string]time.Time // member -> until when it is draining (leaving.go)
 }
 
 // DefaultDownFor is how long a member that failed a request is skipped.
@@ -36,7 +37,7 @@ func withClock(now func() time.Time) RingOption { return func(r *Ring) { r.now =
 // ParseMember). self is always a candidate owner, even when m does not list it (yet):
 // a replica can always fetch from the origin itself.
 func NewRing(m Membership, self string, opts ...RingOption) *Ring {
-	r := &Ring{members: m, self: self, downFor: DefaultDownFor, now: time.Now, down: map[string]time.Time{}}
+	r := &Ring{members: m, self: self, downFor: DefaultDownFor, now: time.Now, down: map[string]time.Time{}, leaving: map[string]time.Time{}}
 	for _, o := range opts {
 		o(r)
 	}
@@ -47,39 +48,10 @@ func NewRing(m Membership, self string, opts ...RingOption) *Ring {
 func (r *Ring) Self() string { return r.self }
 
 // Owners returns the candidate owners of key, best first: the live members (self
-// always among them) in rendezvous rank, without those marked down. The list ends at
-// self: a replica never asks a member ranked below itself, it fetches itself instead.
-func (r *Ring) Owners(key string) []string {
-	members := r.members.Members()
-	all := make([]string, 0, len(members)+1)
-	hasSelf := false
-	for _, m := range members {
-		hasSelf = hasSelf || m == r.self
-		all = append(all, m)
-	}
-	if !hasSelf {
-		all = append(all, r.self)
-	}
-	ranked := Rank(all, key)
-	now := r.now()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := ranked[:0]
-	for _, m := range ranked {
-		if m == r.self {
-			out = append(out, m)
-			break
-		}
-		if until, ok := r.down[m]; ok {
-			if now.Before(until) {
-				continue
-			}
-			delete(r.down, m)
-		}
-		out = append(out, m)
-	}
-	return out
-}
+// always among them) in rendezvous rank, without those marked down or leaving. The list
+// ends at self: a replica never asks a member ranked below itself, it fetches itself
+// instead; a replica that is leaving itself comes last, after every other live member.
+func (r *Ring) Owners(key string) []string { return r.Route(key).Owners }
 
 // MarkDown skips member for DownFor. It reports whether the member was up until now
 // (the first failure of a run of them), so callers count and log each outage once.
