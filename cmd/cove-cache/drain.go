@@ -20,7 +20,9 @@ import (
 // transfers at once would fail pulls. Instead it drains, in two bounded phases:
 //
 //  1. grace (--shutdown-grace): /readyz answers 503 at once, so Kubernetes takes the
-//     pod out of the Service and the other replicas drop it from their membership; until
+//     pod out of the Service and the other replicas drop it from their membership, and
+//     the other replicas are told directly (they start no new fill here and join the
+//     fills running here: docs/scaleout.md); until
 //     that has reached every kube-proxy and client, requests keep arriving, and every
 //     one, new or in flight, is served. Keep-alives are switched off so clients dial
 //     again (through the Service, to a ready replica) after each answer.
@@ -58,6 +60,11 @@ func drain(hs *http.Server, srv *server.Server, o drainOptions, first os.Signal,
 		name = unix.SignalName(sig) // SIGTERM, as people and kubectl name it
 	}
 	srv.Drain(name + " received")
+	// The other replicas learn at once that this one leaves, before the Service or the
+	// EndpointSlices do: they start no new fill here and join the ones running here
+	// rather than fetch those blobs again (docs/scaleout.md). In the background: the
+	// grace runs meanwhile; each notice is bounded.
+	go srv.AnnounceLeaving(context.Background(), o.grace+o.timeout)
 	hs.SetKeepAlivesEnabled(false)
 	log.Info("draining: /readyz fails, still serving", "signal", name, "shutdown_grace", o.grace,
 		"shutdown_timeout", o.timeout, "fills_in_flight", srv.Fills().InFlight())

@@ -335,6 +335,10 @@ func serve(args []string, stderr io.Writer) int {
 		attrs = append(attrs, "advertise_url", clusterCfg.Self, "peers", clusterCfg.Membership.Members())
 	}
 	log.Info("cove-cache serving", attrs...)
+	if clusterCfg != nil {
+		// A replica started again where one drained is an owner again at once.
+		go srv.AnnounceServing(ctx)
+	}
 	var first os.Signal
 	select {
 	case err := <-errc:

@@ -122,3 +122,6 @@ func (r *Ring) Leaving() []string {
 	}
 	return out
 }
+
+// Members returns the membership's current members.
+func (r *Ring) Members() []string { return r.members.Members() }

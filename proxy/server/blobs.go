@@ -26,6 +26,9 @@ func blobPath(req *route.Request) string {
 func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Request) {
 	ctx := r.Context()
 	path := blobPath(req)
+	if s.refuseUnverifiedJoinOnly(w, r) {
+		return
+	}
 	if size, ok := s.hasBlob(ctx, req.Registry, req.Digest); ok {
 		if !s.authorize(w, r, req, path, req.Digest) {
 			return
@@ -48,6 +51,9 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, req *route.Re
 		s.metrics.Request("blob", metrics.ResultPassthrough)
 		relay(w, r, resp.StatusCode, resp.Header, nil)
 		return
+	}
+	if s.serveJoinOnly(w, r, req, path) || s.joinOwnFill(w, r, req, path) {
+		return // a replica taking over from this one, or a fill in flight here (peer_handover.go)
 	}
 	if s.forwardMiss(w, r, req, path) || s.joinPeerFill(w, r, req, path) {
 		return // its owner, another replica, serves it (peer.go)
@@ -225,46 +231,53 @@ func (s *Server) serveFromFillVia(w http.ResponseWriter, r *http.Request, req *r
 				return
 			}
 		}
-		if !started && f.Owner != own {
-			// Joining streams bytes fetched with someone else's credentials: the origin
-			// must first say this client may read this blob in this repository.
-			if !s.authorize(w, r, req, path, req.Digest) {
-				f.Release()
-				return
-			}
-		}
-		resp, err := f.Response(ctx)
-		if err != nil {
-			f.Release()
-			if ctx.Err() != nil {
-				return
-			}
-			s.originUnavailable(w, req, "blob", err)
+		if s.serveJoined(w, r, req, path, f, started) {
 			return
 		}
-		if resp.Status != http.StatusOK {
-			f.Release()
-			if !started {
-				continue
-			}
-			s.metrics.Request("blob", metrics.ResultForStatus(resp.Status))
-			relay(w, r, resp.Status, resp.Header, bytesReader(resp.Body))
-			return
-		}
-		result := metrics.ResultMiss
-		if !started {
-			result = metrics.ResultCoalesced
-		} else {
-			// The origin just answered this credential 200 for this blob in this repository.
-			s.learn(r, req, req.Digest)
-		}
-		s.metrics.Request("blob", result)
-		s.streamFill(w, r, req, f)
-		f.Release()
-		return
 	}
 	s.metrics.Request("blob", metrics.ResultError)
 	httpx.WriteError(w, http.StatusBadGateway, "UNAVAILABLE", "origin fetch failed")
+}
+
+// serveJoined serves a client from the fill f it joined (started: its own request
+// started f) and releases f. It reports false, having written nothing, when f ended
+// without content and another client started it (that client's credentials were
+// refused): this client's answer is still to be asked for.
+func (s *Server) serveJoined(w http.ResponseWriter, r *http.Request, req *route.Request, path string, f *fill.Fill, started bool) bool {
+	ctx := r.Context()
+	defer f.Release()
+	if !started && f.Owner != fillOwner(r, req) {
+		// Joining streams bytes fetched with someone else's credentials: the origin
+		// must first say this client may read this blob in this repository.
+		if !s.authorize(w, r, req, path, req.Digest) {
+			return true
+		}
+	}
+	resp, err := f.Response(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.originUnavailable(w, req, "blob", err)
+		}
+		return true
+	}
+	if resp.Status != http.StatusOK {
+		if !started {
+			return false
+		}
+		s.metrics.Request("blob", metrics.ResultForStatus(resp.Status))
+		relay(w, r, resp.Status, resp.Header, bytesReader(resp.Body))
+		return true
+	}
+	result := metrics.ResultMiss
+	if !started {
+		result = metrics.ResultCoalesced
+	} else {
+		// The origin just answered this credential 200 for this blob in this repository.
+		s.learn(r, req, req.Digest)
+	}
+	s.metrics.Request("blob", result)
+	s.streamFill(w, r, req, f)
+	return true
 }
 
 // streamFill sends the client its range of a running fill: headers at once, bytes as they

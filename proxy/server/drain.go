@@ -16,8 +16,13 @@ type drainState struct {
 // so Kubernetes takes the replica out of its Service (and out of the EndpointSlices the
 // replicas find each other by) while everything else, requests in flight and new ones
 // alike, is still served. It cannot be undone; the first call wins.
+//
+// A replica of several also stops owning new fills: the misses it owned go to the next
+// member, so fills run on replicas that stay (AnnounceLeaving tells the others).
 func (s *Server) Drain(reason string) {
-	s.draining.CompareAndSwap(nil, &drainState{reason: reason, since: time.Now()})
+	if s.draining.CompareAndSwap(nil, &drainState{reason: reason, since: time.Now()}) && s.peers != nil {
+		s.peers.ring.MarkLeaving(s.peers.self, time.Time{})
+	}
 }
 
 // Draining reports whether Drain was called.

@@ -62,6 +62,8 @@ type peering struct {
 	metrics *peerMetrics
 	uploads *http.Client // to replicas holding upload sessions (peer_upload.go)
 
+	handover *handover // notices and join-only offers (peer_handover.go)
+
 	mu       sync.Mutex
 	origined map[fill.Key]bool // peer fills whose bytes came from the origin: this replica stores them
 }
@@ -106,6 +108,9 @@ func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Du
 		origined: map[fill.Key]bool{},
 	}
 	if p.metrics, err = newPeerMetrics(s.metrics.Registry, cfg.Membership.Members); err != nil {
+		return err
+	}
+	if p.handover, err = newHandover(s.metrics.Registry, p.ring); err != nil {
 		return err
 	}
 	p.fills, err = fill.NewManager(filepath.Join(spoolDir, "peer"), s.commitPeerFill,
@@ -174,7 +179,7 @@ func (s *Server) forwardMiss(w http.ResponseWriter, r *http.Request, req *route.
 	if p == nil || fromPeer(r) || r.Method != http.MethodGet {
 		return false
 	}
-	if p.ring.Owners(req.Digest.String())[0] == p.self {
+	if route := p.ring.Route(req.Digest.String()); route.Owners[0] == p.self && route.Handoff == "" {
 		return false
 	}
 	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
@@ -224,8 +229,23 @@ func (p *peering) fetchFunc(s *Server, key fill.Key, uri, path string, originHea
 		if from > 0 && to < 0 && last != "" {
 			p.markDown(s, last, errors.New("stream cut short"))
 		}
-		for _, owner := range p.ring.Owners(key.Digest.String()) {
+		route := p.ring.Route(key.Digest.String())
+		if route.Handoff != "" { // a leaving replica may be filling it: offered first (peer_handover.go)
+			if resp, ok := p.askHandoff(ctx, s, route.Handoff, uri, originHeader, from, to); ok {
+				p.metrics.forwarded.WithLabelValues("owner").Inc()
+				last = route.Handoff
+				return resp, nil
+			}
+			if ctx.Err() != nil {
+				return nil, context.Cause(ctx)
+			}
+		}
+		for _, owner := range route.Owners {
 			if owner == p.self {
+				if resp, ok := s.storedRange(ctx, key, from, to); ok {
+					last = "" // the owner it streamed from stored it before it went
+					return resp, nil
+				}
 				p.metrics.forwarded.WithLabelValues("origin").Inc()
 				p.setOrigined(key)
 				last = ""
