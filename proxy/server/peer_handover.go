@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -134,7 +135,11 @@ func (s *Server) announce(ctx context.Context, state string, until time.Time) in
 			defer wg.Done()
 			err := p.sendNotice(ctx, m, q.Encode())
 			if err != nil {
-				s.log.Warn("peer notice not taken", "state", state, "peer", m, "error", err)
+				level := slog.LevelWarn
+				if state == noticeServing {
+					level = slog.LevelDebug // at a cluster's start, the others are starting too
+				}
+				s.log.Log(ctx, level, "peer notice not taken", "state", state, "peer", m, "error", err)
 				return
 			}
 			mu.Lock()
