@@ -28,7 +28,7 @@ type Route struct {
 // Route returns where a miss of key goes. See Route's fields.
 func (r *Ring) Route(key string) Route {
 	members := r.members.Members()
-	all := make([]string, 0, len(members)+len(r.leaving)+1)
+	all := make([]string, 0, len(members)+2)
 	seen := make(map[string]bool, len(members)+1)
 	for _, m := range members {
 		if !seen[m] {
