@@ -28,6 +28,8 @@ import (
 //     again (through the Service, to a ready replica) after each answer.
 //  2. shutdown (--shutdown-timeout): the listener closes; requests in flight and fills
 //     (which run on their own context, whoever still reads them) finish, up to the bound.
+//     A replica of several first keeps its listener while its fills run, serving only
+//     the replicas that join them (every other request gets 503), then closes it.
 //
 // The pod's terminationGracePeriodSeconds must cover both phases and a little more, or
 // the kubelet's SIGKILL cuts the second. A second SIGTERM or SIGINT ends the current
@@ -90,6 +92,13 @@ func drain(hs *http.Server, srv *server.Server, o drainOptions, first os.Signal,
 		case <-ctx.Done():
 		}
 	}()
+	if srv.CloseToClients() {
+		// A replica of several keeps its listener while its fills run, for the replicas
+		// that join them rather than fetch those blobs again; everything else is refused.
+		log.Info("grace over: refusing clients, serving the replicas joining the fills still running here",
+			"fills_in_flight", srv.Fills().InFlight())
+		waitFills(ctx, srv)
+	}
 	log.Info("closing the listener, waiting for requests and fills in flight")
 	if err := hs.Shutdown(ctx); err != nil {
 		log.Warn("shutdown incomplete: requests still in flight were cut", "error", err)
@@ -97,17 +106,26 @@ func drain(hs *http.Server, srv *server.Server, o drainOptions, first os.Signal,
 	}
 	// Fills outlive the requests that started them (a client may have gone): let them
 	// finish and commit, so no origin fetch is wasted and nothing half-done is left.
+	if !waitFills(ctx, srv) {
+		log.Warn("shutdown incomplete: fills still in flight were cut",
+			"fills_in_flight", srv.Fills().InFlight(), "pending_stores", srv.PendingStores())
+		return false
+	}
+	log.Info("drained: nothing in flight")
+	return true
+}
+
+// waitFills waits until no fill is in flight and no store pending, and reports whether
+// that happened before ctx ended.
+func waitFills(ctx context.Context, srv *server.Server) bool {
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for srv.Fills().InFlight() > 0 || srv.PendingStores() > 0 {
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
-			log.Warn("shutdown incomplete: fills still in flight were cut",
-				"fills_in_flight", srv.Fills().InFlight(), "pending_stores", srv.PendingStores())
 			return false
 		}
 	}
-	log.Info("drained: nothing in flight")
 	return true
 }

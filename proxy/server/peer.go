@@ -258,6 +258,10 @@ func (p *peering) fetchFunc(s *Server, key fill.Key, uri, path string, originHea
 				p.markDown(s, owner, errors.New("peer authentication refused"))
 				continue
 			}
+			if err == nil && leavingAnswer(resp) { // past its grace (peer_handover.go)
+				p.markDown(s, owner, errors.New("leaving"))
+				continue
+			}
 			if err == nil {
 				p.metrics.forwarded.WithLabelValues("owner").Inc()
 				last = owner

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -42,6 +43,9 @@ const (
 	joinOnlyParam = "cove-join-only"
 	// joinMissHeader marks the answer to a join-only request that found nothing to join.
 	joinMissHeader = "Cove-Peer-Join-Miss"
+	// leavingHeader marks a draining replica's refusal once its grace is over: the
+	// asking replica routes around it as around a dead one.
+	leavingHeader = "Cove-Peer-Leaving"
 	// noticeTimeout bounds the sending of one notice: a peer that cannot take it within
 	// this (it is down, or frozen) learns of the drain from its own failed requests.
 	noticeTimeout = 5 * time.Second
@@ -58,6 +62,10 @@ type handover struct {
 	asked   *prometheus.CounterVec // join-only offers this replica made, by result
 	served  *prometheus.CounterVec // join-only requests this replica answered, by result
 	notices *prometheus.CounterVec // notices received, by state and result
+
+	// closing is set when a draining replica's grace is over: it serves the replicas
+	// joining its fills still in flight, and refuses everything else (CloseToClients).
+	closing atomic.Bool
 
 	mu   sync.Mutex
 	last map[string]noticeStamp // sender -> its latest notice applied
@@ -308,6 +316,10 @@ func (p *peering) askHandoff(ctx context.Context, s *Server, member, uri string,
 		p.markDown(s, member, errors.New("peer authentication refused"))
 		p.handover.asked.WithLabelValues("failed").Inc()
 		return nil, false
+	case leavingAnswer(resp):
+		p.markDown(s, member, errors.New("leaving"))
+		p.handover.asked.WithLabelValues("failed").Inc()
+		return nil, false
 	case resp.Header.Get(joinMissHeader) != "":
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 4<<10))
 		resp.Body.Close()
@@ -350,4 +362,48 @@ func (s *Server) storedRange(ctx context.Context, key fill.Key, from, to int64) 
 	}
 	resp.Status = strconv.Itoa(resp.StatusCode) + " " + http.StatusText(resp.StatusCode)
 	return resp, true
+}
+
+// CloseToClients ends a draining replica's grace without closing its listener yet: the
+// fills still running here stay joinable by the replicas taking over (join-only
+// requests), while every other request is refused with 503 (marked Cove-Peer-Leaving,
+// so a replica routes around it at once; a client falls back as from a refused
+// connection). It reports whether it applies: false for a single replica, which closes
+// its listener instead. Call it after Drain, then close the listener once
+// Fills().InFlight() is 0 or the drain's bound has passed.
+func (s *Server) CloseToClients() bool {
+	if s.peers == nil || !s.Draining() {
+		return false
+	}
+	s.peers.handover.closing.Store(true)
+	return true
+}
+
+// refuseWhileClosing answers 503 to what a closing replica no longer serves (see
+// CloseToClients), and reports whether it did.
+func (s *Server) refuseWhileClosing(w http.ResponseWriter, r *http.Request) bool {
+	if s.peers == nil || !s.peers.handover.closing.Load() {
+		return false
+	}
+	if fromPeer(r) && isJoinOnly(r) {
+		return false
+	}
+	switch r.URL.Path {
+	case "/readyz", "/healthz", "/metrics":
+		return false
+	}
+	w.Header().Set(leavingHeader, "1")
+	w.Header().Set("Connection", "close")
+	httpx.WriteError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "this replica is leaving: ask another")
+	return true
+}
+
+// leavingAnswer reports whether resp is a closing replica's refusal (see
+// refuseWhileClosing), and closes it when it is.
+func leavingAnswer(resp *http.Response) bool {
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get(leavingHeader) == "" {
+		return false
+	}
+	resp.Body.Close()
+	return true
 }

@@ -71,7 +71,7 @@ func TestPeerHandoverJoinsLeavingFill(t *testing.T) {
 	x := img.Layers[0]
 	leaverURL := cluster.Owner(rs.urls, x)
 	leaver := rs.replica(leaverURL)
-	cold := ownedBy(t, registry.Addr, "team/handover-cold", rs.urls, leaverURL, 2)
+	cold := ownedBy(t, registry.Addr, "team/handover-cold", rs.urls, leaverURL, 3)
 	var stay []string
 	for _, u := range rs.urls {
 		if u != leaverURL {
@@ -110,8 +110,27 @@ func TestPeerHandoverJoinsLeavingFill(t *testing.T) {
 		}
 	}
 
+	// During its grace, its own client's cold miss: forwarded to a replica that stays.
+	before := peerMetric(t, leaver, "cove_peer_forwarded_total", "owner")
+	_, body := mustGet(t, leaver.url(slow.Addr, "/v2/team/handover-cold/blobs/"+cold[1]), nil, http.StatusOK)
+	if sha(body) != cold[1] {
+		t.Fatal("wrong bytes of the leaving replica's own miss")
+	}
+	if n := peerMetric(t, leaver, "cove_peer_forwarded_total", "owner") - before; n != 1 {
+		t.Errorf("the leaving replica forwarded %v of its own misses to an owner, want 1", n)
+	}
+
+	// Its grace is over: it serves only the replicas joining its fill.
+	if !leaver.srv.CloseToClients() {
+		t.Fatal("CloseToClients does not apply to a draining replica of several")
+	}
+	resp, _ := mustGet(t, leaver.url(slow.Addr, "/v2/team/handover-cold/blobs/"+cold[2]), nil, http.StatusServiceUnavailable)
+	if resp.Header.Get("Cove-Peer-Leaving") == "" {
+		t.Error("a client's request after the grace: 503 without Cove-Peer-Leaving")
+	}
+
 	// The blob in flight on the leaving replica: joined, not fetched again.
-	_, body := mustGet(t, asker.url(slow.Addr, "/v2/team/handover/blobs/"+x), nil, http.StatusOK)
+	_, body = mustGet(t, asker.url(slow.Addr, "/v2/team/handover/blobs/"+x), nil, http.StatusOK)
 	if sha(body) != x {
 		t.Fatal("wrong bytes through the handover")
 	}
@@ -133,20 +152,30 @@ func TestPeerHandoverJoinsLeavingFill(t *testing.T) {
 	if n := peerMetric(t, asker, "cove_peer_handover_total", "missed"); n != 1 {
 		t.Errorf("handovers missed = %v, want 1", n)
 	}
-	// Its own client's cold miss: forwarded to a replica that stays.
-	before := peerMetric(t, leaver, "cove_peer_forwarded_total", "owner")
-	_, body = mustGet(t, leaver.url(slow.Addr, "/v2/team/handover-cold/blobs/"+cold[1]), nil, http.StatusOK)
-	if sha(body) != cold[1] {
-		t.Fatal("wrong bytes of the leaving replica's own miss")
+	// A replica that missed the notice and still lists it (here: told, then told the
+	// opposite by a validly signed serving notice; the membership lists it again)
+	// forwards a miss to it as to an owner: the 503 marked leaving sends it to the next
+	// owner at once.
+	members.set(rs.urls)
+	forged, _ := cluster.NewPeerAuth([]byte(testPeerSecret))
+	req, _ := http.NewRequest(http.MethodPost, asker.http.URL+"/cove/peer/notice?state=serving", nil)
+	forged.Sign(req, leaverURL)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("serving notice: %v %v", resp, err)
 	}
-	if n := peerMetric(t, leaver, "cove_peer_forwarded_total", "owner") - before; n != 1 {
-		t.Errorf("the leaving replica forwarded %v of its own misses to an owner, want 1", n)
+	downBefore := peerMetric(t, asker, "cove_peer_owner_down_total", "")
+	_, body = mustGet(t, asker.url(slow.Addr, "/v2/team/handover-cold/blobs/"+cold[2]), nil, http.StatusOK)
+	if sha(body) != cold[2] {
+		t.Fatal("wrong bytes of a miss routed around the leaving replica")
+	}
+	if n := peerMetric(t, asker, "cove_peer_owner_down_total", "") - downBefore; n != 1 {
+		t.Errorf("owner-down events after a leaving replica's 503 = %v, want 1", n)
 	}
 	for _, c := range rs.replicas {
 		c.settle(t)
 	}
 	gets := registry.BlobGETs()
-	for _, d := range []string{x, cold[0], cold[1]} {
+	for _, d := range []string{x, cold[0], cold[1], cold[2]} {
 		if gets[d] != 1 {
 			t.Errorf("origin GETs of %s = %d, want 1", d, gets[d])
 		}

@@ -258,6 +258,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if s.refuseWhileClosing(w, r) {
+		return // a draining replica past its grace serves only its fills' joiners
+	}
 	s.mux.ServeHTTP(w, r)
 }
 
