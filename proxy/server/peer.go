@@ -160,7 +160,9 @@ func (s *Server) acceptPeer(w http.ResponseWriter, r *http.Request) (*http.Reque
 		httpx.WriteError(w, http.StatusForbidden, "DENIED", "peer authentication failed")
 		return nil, false
 	}
-	s.peers.metrics.requests.WithLabelValues("accepted").Inc()
+	if r.URL.Path != noticePath { // notices are counted on their own (peer_handover.go)
+		s.peers.metrics.requests.WithLabelValues("accepted").Inc()
+	}
 	w.Header().Del(peerRefusedHeader)
 	return r.WithContext(context.WithValue(r.Context(), peerRequestKey{}, peer)), true
 }
