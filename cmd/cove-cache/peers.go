@@ -9,10 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-
 	"github.com/cove-oci/cove/internal/cli"
 	"github.com/cove-oci/cove/proxy/cluster"
 	"github.com/cove-oci/cove/proxy/evict"
@@ -139,19 +135,9 @@ func (o *peerOptions) endpointSlices(self string, log *slog.Logger) (cluster.Mem
 	if err != nil {
 		return nil, err
 	}
-	var cfg *rest.Config
-	if o.kubeconfig != "" {
-		cfg, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
-	} else {
-		cfg, err = rest.InClusterConfig()
-	}
+	client, err := cluster.KubeClient(o.kubeconfig, "cove-cache")
 	if err != nil {
 		return nil, fmt.Errorf("--peers-from-endpointslices: Kubernetes API configuration: %w", err)
-	}
-	cfg.UserAgent = "cove-cache"
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("--peers-from-endpointslices: %w", err)
 	}
 	scheme, _, _ := strings.Cut(self, "://")
 	return cluster.EndpointSlices(client, namespace, name,

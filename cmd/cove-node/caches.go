@@ -10,10 +10,6 @@ import (
 	"sync"
 	"time"
 
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-
 	"github.com/cove-oci/cove/plugin/nodeinstall"
 	"github.com/cove-oci/cove/proxy/cluster"
 )
@@ -55,20 +51,9 @@ func (s *sliceOptions) membership(caches []string, log *slog.Logger) (*sliceMemb
 		return nil, nil
 	}
 	namespace, name, _ := strings.Cut(s.service, "/")
-	var cfg *rest.Config
-	var err error
-	if s.kubeconfig != "" {
-		cfg, err = clientcmd.BuildConfigFromFlags("", s.kubeconfig)
-	} else {
-		cfg, err = rest.InClusterConfig()
-	}
+	client, err := cluster.KubeClient(s.kubeconfig, "cove-node")
 	if err != nil {
 		return nil, fmt.Errorf("--caches-from-endpointslices: Kubernetes API configuration: %w", err)
-	}
-	cfg.UserAgent = "cove-node"
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("--caches-from-endpointslices: %w", err)
 	}
 	scheme := "http"
 	if len(caches) > 0 {
