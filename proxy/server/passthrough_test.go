@@ -82,14 +82,19 @@ func TestPassThroughCutOffClientResumes(t *testing.T) {
 		t.Fatalf("resume from %d: %s, %d bytes do not complete the blob", len(got), resp.Header.Get("Content-Range"), len(tail))
 	}
 	c.settle(t)
-	if n := origin.BlobGETs()[layer]; n != 3 {
-		t.Fatalf("origin GETs of the layer = %d, want 3 (the stalled client's fill, the new client's, the resume's)", n)
+	// Three fills (the stalled client's, the new client's, the resume's), or two when a
+	// request found a fill whose window still held its first byte and joined it (under
+	// load the stalled fill may not have moved past byte 0 yet, or still run at the
+	// resume): both are right, as long as every fill passed through.
+	gets := origin.BlobGETs()[layer]
+	if gets != 2 && gets != 3 {
+		t.Fatalf("origin GETs of the layer = %d, want 3 (the stalled client's fill, the new client's, the resume's) or 2 (one joined)", gets)
 	}
 	if cut := testutil.ToFloat64(m.ReadersCut); cut != 1 {
 		t.Fatalf("readers cut = %v, want 1", cut)
 	}
-	if n := testutil.ToFloat64(m.PassedThrough.WithLabelValues(fill.ReasonReserveRefused)); n != 3 {
-		t.Fatalf("fills passed through = %v, want 3", n)
+	if n := testutil.ToFloat64(m.PassedThrough.WithLabelValues(fill.ReasonReserveRefused)); n != float64(gets) {
+		t.Fatalf("fills passed through = %v, want %d (one per origin GET)", n, gets)
 	}
 	if _, err := c.store.Stat(context.Background(), digest.Digest(layer)); err == nil {
 		t.Fatal("a blob the store refused was stored")
