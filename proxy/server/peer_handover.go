@@ -263,10 +263,7 @@ func (s *Server) serveJoinOnly(w http.ResponseWriter, r *http.Request, req *rout
 	if !isJoinOnly(r) || !fromPeer(r) {
 		return false
 	}
-	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
-	from := rangeStart(r.Header.Get("Range"))
-	f := s.fills.JoinRunning(key, fillOwner(r, req), from, s.originFetch(r, req, path))
-	if f != nil && s.serveJoined(w, r, req, path, f, false) {
+	if s.serveRunningFill(w, r, req, path) {
 		s.peers.handover.served.WithLabelValues("joined").Inc()
 		return true
 	}
@@ -284,6 +281,12 @@ func (s *Server) joinOwnFill(w http.ResponseWriter, r *http.Request, req *route.
 	if s.peers == nil || fromPeer(r) || r.Method != http.MethodGet {
 		return false
 	}
+	return s.serveRunningFill(w, r, req, path)
+}
+
+// serveRunningFill serves r from the origin fill of its blob in flight here, if there
+// is one (never starting one), and reports whether it did.
+func (s *Server) serveRunningFill(w http.ResponseWriter, r *http.Request, req *route.Request, path string) bool {
 	key := fill.Key{Registry: req.Registry, Digest: req.Digest}
 	f := s.fills.JoinRunning(key, fillOwner(r, req), rangeStart(r.Header.Get("Range")), s.originFetch(r, req, path))
 	return f != nil && s.serveJoined(w, r, req, path, f, false)
