@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -54,12 +55,30 @@ func evictLeader(t *testing.T, cr *peers.CoveReplicas) int {
 // doomedDigests reads every replica's doomed list from the bucket.
 func doomedDigests(t *testing.T, ctx context.Context, m *peers.MinIO) map[string]bool {
 	t.Helper()
+	out := map[string]bool{}
+	forEachRecord(t, ctx, m, "records/evict/doomed/", func(rec evictRecord) {
+		for _, d := range rec.Doomed {
+			out[d] = true
+		}
+	})
+	return out
+}
+
+// evictRecord holds the fields the tests read of the replicas' seen records and the
+// leader's doomed lists (proxy/evict/shared_records.go).
+type evictRecord struct {
+	Seq    uint64
+	Open   []string
+	Doomed []string
+}
+
+func forEachRecord(t *testing.T, ctx context.Context, m *peers.MinIO, prefix string, fn func(evictRecord)) {
+	t.Helper()
 	c, err := m.Client()
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := map[string]bool{}
-	for o := range c.ListObjects(ctx, m.Bucket, minio.ListObjectsOptions{Prefix: "records/evict/doomed/", Recursive: true}) {
+	for o := range c.ListObjects(ctx, m.Bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true}) {
 		if o.Err != nil {
 			t.Fatal(o.Err)
 		}
@@ -67,17 +86,41 @@ func doomedDigests(t *testing.T, ctx context.Context, m *peers.MinIO) map[string
 		if err != nil {
 			t.Fatal(err)
 		}
-		var rec struct{ Doomed []string }
+		var rec evictRecord
 		err = json.NewDecoder(obj).Decode(&rec)
 		obj.Close()
 		if err != nil {
 			t.Fatalf("%s: %v", o.Key, err)
 		}
-		for _, d := range rec.Doomed {
-			out[d] = true
+		fn(rec)
+	}
+}
+
+// waitLeaderSeesOpen waits until a replica's record lists d open and the leader has
+// merged that record: the leader learns of a reader only through the records, one
+// round late, and until then it may doom the blob (it is never deleted under the
+// reader: that is the second phase's check, which waits for the reader's own record).
+func waitLeaderSeesOpen(t *testing.T, ctx context.Context, m *peers.MinIO, d string, cr *peers.CoveReplicas) {
+	t.Helper()
+	leaderRound := func() uint64 {
+		var top uint64
+		forEachRecord(t, ctx, m, "records/evict/doomed/", func(rec evictRecord) { top = max(top, rec.Seq) })
+		return top
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for listed := false; !listed; time.Sleep(200 * time.Millisecond) {
+		forEachRecord(t, ctx, m, "records/evict/seen/", func(rec evictRecord) { listed = listed || slices.Contains(rec.Open, d) })
+		if time.Now().After(deadline) {
+			t.Fatalf("no replica's record lists %s open\n%s", d, replicaLogs(cr))
 		}
 	}
-	return out
+	// The leader rewrites its doomed list every round, after it read the records: the
+	// second round after this one read them after the open was listed.
+	for first := leaderRound(); leaderRound() < first+2; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the eviction leader made no two rounds in a minute\n%s", replicaLogs(cr))
+		}
+	}
 }
 
 // bucketBytes is what the bucket holds, listed.
@@ -194,6 +237,7 @@ func TestScaleOutEvictionSparesABlobBeingRead(t *testing.T) {
 	if _, err := io.CopyN(h, resp.Body, 1<<20); err != nil {
 		t.Fatal(err)
 	}
+	waitLeaderSeesOpen(t, ctx, m, layer, cr)
 	before := cr.Replicas[leader].Metric(t, "cove_store_evictions_total")
 	pullThrough(t, ctx, other, more[0]) // 8 + 24 + 12 MiB: past the high watermark
 	for deadline := time.Now().Add(60 * time.Second); cr.Replicas[leader].Metric(t, "cove_store_evictions_total") == before; time.Sleep(500 * time.Millisecond) {
