@@ -418,12 +418,12 @@ func policyTransport(p *Policy) *http.Transport {
 		proxies.Store(canonicalAddr(u), true)
 		return u, nil
 	}
-	t.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	t.DialContext = bulkDial(func(ctx context.Context, network, addr string) (net.Conn, error) {
 		if _, ok := proxies.Load(addr); ok {
 			return d.DialContext(ctx, network, addr)
 		}
 		return checked(ctx, network, addr)
-	}
+	})
 	return t
 }
 
