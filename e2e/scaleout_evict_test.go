@@ -67,6 +67,7 @@ func doomedDigests(t *testing.T, ctx context.Context, m *peers.MinIO) map[string
 // evictRecord holds the fields the tests read of the replicas' seen records and the
 // leader's doomed lists (proxy/evict/shared_records.go).
 type evictRecord struct {
+	Member string
 	Seq    uint64
 	Open   []string
 	Doomed []string
@@ -102,10 +103,11 @@ func forEachRecord(t *testing.T, ctx context.Context, m *peers.MinIO, prefix str
 // reader: that is the second phase's check, which waits for the reader's own record).
 func waitLeaderSeesOpen(t *testing.T, ctx context.Context, m *peers.MinIO, d string, cr *peers.CoveReplicas) {
 	t.Helper()
-	leaderRound := func() uint64 {
-		var top uint64
-		forEachRecord(t, ctx, m, "records/evict/doomed/", func(rec evictRecord) { top = max(top, rec.Seq) })
-		return top
+	// Each doomed list's seq, by writer: only the leader's moves, once per round.
+	rounds := func() map[string]uint64 {
+		out := map[string]uint64{}
+		forEachRecord(t, ctx, m, "records/evict/doomed/", func(rec evictRecord) { out[rec.Member] = rec.Seq })
+		return out
 	}
 	deadline := time.Now().Add(60 * time.Second)
 	for listed := false; !listed; time.Sleep(200 * time.Millisecond) {
@@ -116,7 +118,11 @@ func waitLeaderSeesOpen(t *testing.T, ctx context.Context, m *peers.MinIO, d str
 	}
 	// The leader rewrites its doomed list every round, after it read the records: the
 	// second round after this one read them after the open was listed.
-	for first := leaderRound(); leaderRound() < first+2; time.Sleep(200 * time.Millisecond) {
+	first := rounds()
+	for moved := false; !moved; time.Sleep(200 * time.Millisecond) {
+		for member, seq := range rounds() {
+			moved = moved || seq >= first[member]+2 && first[member] != 0
+		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the eviction leader made no two rounds in a minute\n%s", replicaLogs(cr))
 		}
