@@ -23,6 +23,7 @@ import (
 	"github.com/cove-oci/cove/internal/peers"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 )
 
 // Environment of the helper mode: the test binary re-executed as a stand-alone content
@@ -31,6 +32,9 @@ const (
 	envServe  = "COVE_CONTENT_TEST_SERVE"
 	envRoot   = "COVE_CONTENT_TEST_ROOT"
 	envSocket = "COVE_CONTENT_TEST_SOCKET"
+	// envHold makes the helper stop before it opens the store and serves: it prints
+	// "held" and waits for a line on stdin (hookProc.release).
+	envHold = "COVE_CONTENT_TEST_HOLD"
 )
 
 func TestMain(m *testing.M) {
@@ -41,9 +45,17 @@ func TestMain(m *testing.M) {
 }
 
 // serveMain runs the hook until SIGTERM. It prints "ready activated=BOOL" on stdout
-// once serving.
+// once serving; with envHold, "held" first, and it serves only once a line comes on
+// stdin.
 func serveMain() int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if os.Getenv(envHold) == "1" {
+		fmt.Println("held")
+		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+			log.Error("held: stdin closed before the release", "error", err)
+			return 1
+		}
+	}
 	svc, err := New(Config{Root: os.Getenv(envRoot), Socket: os.Getenv(envSocket), Logger: log})
 	if err != nil {
 		log.Error("start", "error", err)
@@ -208,10 +220,40 @@ func descOf(b []byte) ocispec.Descriptor {
 type hookProc struct {
 	cmd      *exec.Cmd
 	done     chan error
+	lines    chan string // its stdout, line by line
+	stdin    io.WriteCloser
+	logPath  string
 	killOnce sync.Once
 }
 
+// startActivated starts the hook process on ln and waits until it serves.
 func startActivated(t *testing.T, ln *net.UnixListener, root, logPath string) *hookProc {
+	t.Helper()
+	p := startHookProc(t, ln, root, logPath, false)
+	p.waitLine(t, "ready activated=true")
+	return p
+}
+
+// startHeld starts the hook process on ln and waits until it is held: its process
+// started (exec and package init, which take seconds on a loaded machine under -race),
+// but it has not opened its store and nothing accepts on the socket until release.
+func startHeld(t *testing.T, ln *net.UnixListener, root, logPath string) *hookProc {
+	t.Helper()
+	p := startHookProc(t, ln, root, logPath, true)
+	p.waitLine(t, "held")
+	return p
+}
+
+// release lets a held hook open its store and serve, and waits until it serves.
+func (p *hookProc) release(t *testing.T) {
+	t.Helper()
+	if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
+		t.Fatalf("releasing the held hook: %v", err)
+	}
+	p.waitLine(t, "ready activated=true")
+}
+
+func startHookProc(t *testing.T, ln *net.UnixListener, root, logPath string, hold bool) *hookProc {
 	t.Helper()
 	f, err := ln.File() // a dup: the test keeps its own listener open, like systemd
 	if err != nil {
@@ -230,6 +272,9 @@ func startActivated(t *testing.T, ln *net.UnixListener, root, logPath string) *h
 	cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0"`, self)
 	cmd.Env = append(os.Environ(), envServe+"=1", envRoot+"="+contentRoot(root),
 		envSocket+"="+ln.Addr().String())
+	if hold {
+		cmd.Env = append(cmd.Env, envHold+"=1")
+	}
 	cmd.ExtraFiles = []*os.File{f} // fd 3
 	cmd.Stderr = logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -237,30 +282,65 @@ func startActivated(t *testing.T, ln *net.UnixListener, root, logPath string) *h
 	if err != nil {
 		t.Fatal(err)
 	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &hookProc{cmd: cmd, done: make(chan error, 1)}
-	ready := make(chan string, 1)
+	p := &hookProc{cmd: cmd, done: make(chan error, 1), lines: make(chan string, 4), stdin: stdin, logPath: logPath}
 	go func() {
-		line, _ := bufio.NewReader(stdout).ReadString('\n')
-		ready <- strings.TrimSpace(line)
-		io.Copy(io.Discard, stdout)
+		defer close(p.lines)
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			p.lines <- strings.TrimSpace(sc.Text())
+		}
 	}()
 	go func() { p.done <- cmd.Wait() }()
 	t.Cleanup(p.kill)
-	select {
-	case line := <-ready:
-		if line != "ready activated=true" {
-			p.kill()
-			b, _ := os.ReadFile(logPath)
-			t.Fatalf("hook process said %q, want socket activation; log:\n%s", line, b)
-		}
-	case <-time.After(20 * time.Second):
-		p.kill()
-		t.Fatal("hook process not ready after 20 s")
-	}
 	return p
+}
+
+// waitLine waits for the hook process's next line on stdout and fails unless it is want.
+func (p *hookProc) waitLine(t *testing.T, want string) {
+	t.Helper()
+	select {
+	case line, ok := <-p.lines:
+		if !ok || line != want {
+			p.kill()
+			b, _ := os.ReadFile(p.logPath)
+			t.Fatalf("hook process said %q (stdout open %v), want %q; log:\n%s", line, ok, want, b)
+		}
+	case <-time.After(60 * time.Second):
+		p.kill()
+		t.Fatalf("hook process did not say %q within 60 s", want)
+	}
+}
+
+// connQueued reports whether a connection waits in ln's accept queue (a listening
+// socket polls readable then), without accepting it.
+func connQueued(t *testing.T, ln *net.UnixListener) bool {
+	t.Helper()
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var queued bool
+	var perr error
+	if err := rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		var n int
+		for n, perr = unix.Poll(fds, 0); perr == unix.EINTR; n, perr = unix.Poll(fds, 0) {
+		}
+		queued = n > 0 && fds[0].Revents&unix.POLLIN != 0
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if perr != nil {
+		t.Fatalf("poll of the hook's socket: %v", perr)
+	}
+	return queued
 }
 
 // kill sends SIGKILL and reaps the process. Idempotent.

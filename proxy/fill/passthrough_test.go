@@ -201,7 +201,30 @@ func TestWindowCutsOffStalledReader(t *testing.T) {
 	body := randomBytes(t, 4<<20)
 	d := digest.FromBytes(body)
 	var calls atomic.Int32
-	origin := slowOrigin(t, body, &calls, nil)
+	// The origin sends the next 64 KiB only once the reader that keeps up has read the
+	// previous ones: that reader is never behind when the fill overwrites the window,
+	// however late the machine schedules it (with a free-running origin, a reader
+	// descheduled for the lag under load was cut off too), and only the stalled one is.
+	const chunk = 64 << 10
+	next := make(chan struct{}, 1)
+	origin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		for off := 0; off < len(body); off += chunk {
+			if off > 0 {
+				select {
+				case <-next:
+				case <-r.Context().Done():
+					return
+				}
+			}
+			if _, err := w.Write(body[off:min(off+chunk, len(body))]); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+		}
+	}))
+	t.Cleanup(origin.Close)
 	var rs reservations
 	rs.refuse.Store(true)
 	var ev events
@@ -211,16 +234,31 @@ func TestWindowCutsOffStalledReader(t *testing.T) {
 	f, _ := m.Join(key, "o", get(origin.URL))
 	defer f.Release()
 
-	// Both readers are there from the start: under load, a reader made only after the
-	// stalled one's lag could find byte 0 gone from the window already.
+	// Both readers are there from the start: a reader made later could find byte 0
+	// gone from the window already.
 	stalled := f.NewReader(context.Background(), 0, -1)
-	keeping := f.NewReader(context.Background(), 0, -1)
+	// A fill that never cut the stalled reader off would wait for it forever: the
+	// context turns that hang into a failure.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	keeping := f.NewReader(ctx, 0, -1)
 	if _, err := io.ReadFull(stalled, make([]byte, 10)); err != nil {
 		t.Fatal(err)
 	}
-	got, err := io.ReadAll(keeping)
-	if err != nil || !bytes.Equal(got, body) {
-		t.Fatalf("reader that kept up: %v, equal %v", err, bytes.Equal(got, body))
+	var got []byte
+	for len(got) < len(body) {
+		// The last byte is withheld until the blob verifies: read what is due of this chunk.
+		want := min(chunk, len(body)-len(got))
+		buf := make([]byte, want)
+		n, err := io.ReadFull(keeping, buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			t.Fatalf("reader that kept up, after %d bytes: %v", len(got), err)
+		}
+		next <- struct{}{}
+	}
+	if rest, err := io.ReadAll(keeping); err != nil || len(rest) != 0 || !bytes.Equal(got, body) {
+		t.Fatalf("reader that kept up: %v, %d bytes past the body, equal %v", err, len(rest), bytes.Equal(got, body))
 	}
 	if _, err := io.ReadAll(stalled); !errors.Is(err, ErrBehind) || errors.Is(err, ErrFailed) {
 		t.Fatalf("stalled reader: %v, want ErrBehind", err)
