@@ -65,12 +65,12 @@ func (s spans) next(off, limit int64) int64 {
 // arrive, before the whole blob is verified, and a corrupt blob is still never stored.
 func (f *Fill) readable(r *reader) int64 {
 	if f.par == nil {
-		// Only the blob's last byte is held back: a bounded range that ends where the
-		// bytes received end is served at once (it used to wait for one more byte, which
-		// a fill passing through after its spool failed asks of the origin only later).
-		// With no Content-Length the last byte is not known: one is always held back.
+		// Only the blob's last byte is held back, as for a fill in ranges: a bounded
+		// range that ends where the bytes received end must not wait for the next byte,
+		// which a fill passing through after its spool failed asks of the origin only
+		// later. With no Content-Length the last byte is not known: one is held back.
 		avail := f.received
-		if !f.verified && avail > 0 && (f.size < 0 || avail >= f.size && !r.bounded) {
+		if !f.verified && avail > 0 && (f.size < 0 || (avail >= f.size && !r.bounded)) {
 			avail--
 		}
 		return avail
