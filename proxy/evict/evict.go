@@ -24,7 +24,7 @@ func (s *Store) usedLocked() int64 {
 		if !s.sh.leader {
 			return s.followerUsedLocked()
 		}
-		return s.stored + s.reserved + s.sh.othersReserved + s.indexBytes
+		return s.stored + s.reserved + s.sh.othersReserved + s.indexBytes + s.sh.grantedCost - s.grantsCountedLocked(s.sh.listed)
 	}
 	return s.stored + s.reserved + s.indexBytes
 }
@@ -52,9 +52,13 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 		return nil, fmt.Errorf("%w: %w: blob %s of %d bytes, store of %d bytes", fill.ErrLargerThanStore, errdefs.ErrResourceExhausted, key.Digest, size, max)
 	}
 	var current int64 = -1 // shared: what the bucket and every replica hold right now
+	var listed map[string][]seenGrant
 	if s.sh != nil && max > 0 {
+		if release, err, decided := s.reserveAtLeader(ctx, key, size, cost); decided {
+			return release, err
+		}
 		var err error
-		if current, err = s.sharedUsed(ctx); err != nil {
+		if current, listed, err = s.sharedUsed(ctx); err != nil {
 			s.m.ReserveRefused.Inc()
 			return nil, fmt.Errorf("%w: no room for blob %s: the replicas' usage is unreadable: %w", errdefs.ErrResourceExhausted, key.Digest, err)
 		}
@@ -64,6 +68,9 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 		used := s.usedLocked()
 		if current >= 0 {
 			used = current + s.reserved
+			if s.sh.leader { // and what it granted, which the records read may count already
+				used += s.sh.grantedCost - s.grantsCountedLocked(listed)
+			}
 		}
 		over := used + cost - max
 		if max == 0 || over <= 0 {
@@ -74,9 +81,9 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 			s.mu.Unlock()
 			s.kickEvict() // past the high watermark: make room ahead of the next fill
 			s.kickSync()  // the other replicas count it from the next record
-			return func(bool) {
+			return func(stored bool) {
 				s.mu.Lock()
-				s.endReservationLocked(key.Digest, r)
+				s.endReservationLocked(key.Digest, r, stored)
 				s.gaugesLocked()
 				s.mu.Unlock()
 			}, nil
@@ -100,14 +107,22 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 type reservation struct {
 	cost  int64
 	ended bool
+	// On a leader's grant (shared_grants.go): the leader and the grant's seq.
+	leader string
+	seq    uint64
+	size   int64
 }
 
-// endReservationLocked gives a reservation's room back, once; s.mu must be held.
-func (s *Store) endReservationLocked(d digest.Digest, r *reservation) {
+// endReservationLocked gives a reservation's room back, once, and a grant back to the
+// leader that made it (stored: the blob is in the store now); s.mu must be held.
+func (s *Store) endReservationLocked(d digest.Digest, r *reservation, stored bool) {
 	if r.ended {
 		return
 	}
 	r.ended = true
+	if r.leader != "" && s.link != nil {
+		go s.returnGrant(s.link, r.leader, r.seq, d, stored, r.size)
+	}
 	s.reserved -= r.cost
 	list := s.resv[d]
 	for i, x := range list {

@@ -91,9 +91,13 @@ type sharedState struct {
 	doomedCost     int64
 	mergedSnap     map[string]uint64 // the leader's merged, for reservations
 	stale          map[string]bool   // replicas whose record stopped changing
+	// seq numbers this replica's records and the reservations it asks the leader for
+	// from one counter, so a record whose Seq is past a grant's was taken after the
+	// grant was asked for (shared_grants.go).
+	seq       uint64
+	grantBook // leader only: the reservations it granted (shared_grants.go)
 
 	syncMu      sync.Mutex
-	seq         uint64
 	doomSeq     uint64
 	lastDoomed  time.Time // the leader's last doomed record written
 	writers     map[string]*view
@@ -129,7 +133,7 @@ func newShared(cfg Shared) (*sharedState, error) {
 	return &sharedState{cfg: cfg, seq: start, doomSeq: start, touchSeq: start, refused: map[digest.Digest]struct{}{}, touched: map[digest.Digest]*touch{},
 		recs: map[string]*recTouch{}, openElsewhere: map[digest.Digest]struct{}{}, doomed: map[digest.Digest]*doom{},
 		writers: map[string]*view{}, peers: map[string]*view{}, merged: map[string]uint64{},
-		deletedAt: map[digest.Digest]time.Time{}}, nil
+		deletedAt: map[digest.Digest]time.Time{}, grantBook: newGrantBook()}, nil
 }
 
 // fencedLocked reports whether this replica has gone too long without writing its
@@ -221,7 +225,7 @@ func (s *Store) Sync(ctx context.Context) error {
 		refused[d] = struct{}{}
 	}
 	sh.refused = refused
-	rec := seenRecord{Version: sharedFormat, Member: sh.cfg.Self, Acks: acks, Reserved: s.reserved}
+	rec := seenRecord{Version: sharedFormat, Member: sh.cfg.Self, Acks: acks, Reserved: s.reserved, Grants: s.heldGrantsLocked()}
 	for d, e := range s.blobs {
 		if e.refs > 0 {
 			rec.Open = append(rec.Open, d)
@@ -238,9 +242,9 @@ func (s *Store) Sync(ctx context.Context) error {
 	for k, r := range sh.recs {
 		rec.Records = append(rec.Records, seenKey{Key: k, Digest: r.d, Ts: r.ts})
 	}
-	s.mu.Unlock()
 	sh.seq++
 	rec.Seq = sh.seq
+	s.mu.Unlock()
 	if err := s.putJSON(ctx, memberKey(seenPrefix, sh.cfg.Self), rec); err != nil {
 		return s.syncFailed("writing this replica's record", err)
 	}
@@ -368,6 +372,7 @@ func (s *Store) follow(ctx context.Context) error {
 			delete(sh.refused, d)
 		}
 		sh.doomed, sh.doomedCost = map[digest.Digest]*doom{}, 0
+		s.dropGrantsLocked()
 	}
 	s.mu.Unlock()
 	if was {
@@ -451,8 +456,11 @@ func (s *Store) closeShared(ctx context.Context) {
 	sh.reconciling.Wait()
 	sh.syncMu.Lock()
 	defer sh.syncMu.Unlock()
+	s.mu.Lock()
 	sh.seq++
-	_ = s.putJSON(ctx, memberKey(seenPrefix, sh.cfg.Self), seenRecord{Version: sharedFormat, Member: sh.cfg.Self, Seq: sh.seq, Closed: true})
+	seq := sh.seq
+	s.mu.Unlock()
+	_ = s.putJSON(ctx, memberKey(seenPrefix, sh.cfg.Self), seenRecord{Version: sharedFormat, Member: sh.cfg.Self, Seq: seq, Closed: true})
 	if s.IsLeader() {
 		sh.doomSeq++
 		_ = s.putJSON(ctx, memberKey(doomedPrefix, sh.cfg.Self), doomedRecord{Version: sharedFormat, Member: sh.cfg.Self, Seq: sh.doomSeq})

@@ -29,6 +29,7 @@ func (s *Store) lead(ctx context.Context, peers map[string]*seenRecord, now time
 		}
 	}
 	s.merge(ctx, peers, live)
+	s.expireGrants(peers, live, now)
 	s.forgetGone(ctx, now)
 	s.deleteDoomed(ctx, live, now)
 	s.evictAhead(ctx)

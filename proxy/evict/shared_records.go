@@ -29,7 +29,8 @@ type seenRecord struct {
 	Closed   bool              `json:"closed,omitempty"` // the replica stopped: not waited for
 	Acks     map[string]uint64 `json:"acks,omitempty"`   // doomed writer -> the seq installed
 	Open     []digest.Digest   `json:"open,omitempty"`
-	Reserved int64             `json:"reserved"`
+	Reserved int64             `json:"reserved"`         // every reservation, granted ones included
+	Grants   []seenGrant       `json:"grants,omitempty"` // reservations a leader granted, still held
 	Touched  []seenBlob        `json:"touched,omitempty"`
 	Records  []seenKey         `json:"records,omitempty"`
 }
@@ -42,6 +43,14 @@ type seenBlob struct {
 	Atime  int64         `json:"a"`
 	Stored bool          `json:"stored,omitempty"`
 	Ts     uint64        `json:"t"`
+}
+
+// seenGrant is a reservation the reporting replica holds on a leader's grant (or is
+// asking it for): the leader that granted it drops a grant a later record no longer lists.
+type seenGrant struct {
+	Seq    uint64 `json:"q"`
+	Leader string `json:"l"`
+	Cost   int64  `json:"c"`
 }
 
 type seenKey struct {
@@ -98,8 +107,9 @@ func (s *Store) getJSON(ctx context.Context, key string, v any) error {
 // leader's account, plus what every other replica that has not stopped reserved and
 // stored since the leader merged its record (read fresh from the bucket), plus this
 // replica's own stores the leader has not merged; this replica's reservations are
-// not included.
-func (s *Store) sharedUsed(ctx context.Context) (int64, error) {
+// not included, nor, on the leader, its grants (the records' grants are listed by member:
+// the leader counts those it holds once, see grantsCountedLocked).
+func (s *Store) sharedUsed(ctx context.Context) (int64, map[string][]seenGrant, error) {
 	sh := s.sh
 	s.mu.Lock()
 	leader := sh.leader
@@ -113,15 +123,16 @@ func (s *Store) sharedUsed(ctx context.Context) (int64, error) {
 	if !leader {
 		var u usageRecord
 		if err := s.getJSON(ctx, usageKey, &u); err != nil && !errdefs.IsNotFound(err) {
-			return 0, err
+			return 0, nil, err
 		}
 		base, merged = u.Stored, u.Merged
 	}
 	var keys []string
 	if err := s.inner.ListRecords(ctx, seenPrefix, func(k string) error { keys = append(keys, k); return nil }); err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	used := base
+	listed := map[string][]seenGrant{}
 	for _, k := range keys {
 		if k == memberKey(seenPrefix, sh.cfg.Self) {
 			continue
@@ -130,12 +141,13 @@ func (s *Store) sharedUsed(ctx context.Context) (int64, error) {
 		if err := s.getJSON(ctx, k, &rec); errdefs.IsNotFound(err) {
 			continue
 		} else if err != nil {
-			return 0, err
+			return 0, nil, err
 		}
 		if rec.Closed || stale[rec.Member] {
 			continue
 		}
 		used += rec.Reserved + unmergedCost(rec.Touched, merged[rec.Member])
+		listed[rec.Member] = rec.Grants
 	}
 	if !leader {
 		s.mu.Lock()
@@ -146,7 +158,7 @@ func (s *Store) sharedUsed(ctx context.Context) (int64, error) {
 		}
 		s.mu.Unlock()
 	}
-	return used, nil
+	return used, listed, nil
 }
 
 // unmergedCost is what the blobs a replica stored after the leader's last merge of its

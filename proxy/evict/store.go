@@ -88,6 +88,7 @@ type Store struct {
 	now   func() time.Time
 	pins  *pinSet
 	sh    *sharedState // nil: not shared
+	link  LeaderLink   // a follower's way to the leader's grants (guarded by mu)
 
 	mu         sync.Mutex
 	blobs      map[digest.Digest]*entry
@@ -406,7 +407,7 @@ func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
 		s.stored += e.cost()
 		// A fill's room now counts as stored: its reservation ends at commit.
 		if list := s.resv[d]; len(list) > 0 {
-			s.endReservationLocked(d, list[0])
+			s.endReservationLocked(d, list[0], true)
 		}
 	}
 	if reading {

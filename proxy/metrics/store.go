@@ -20,11 +20,13 @@ type Store struct {
 	// EvictLeader and DoomedBlobs are the replicas' shared eviction (docs/scaleout.md).
 	EvictLeader prometheus.Gauge
 	DoomedBlobs prometheus.Gauge
+	// SharedReservations counts reservations decided by the eviction leader.
+	SharedReservations *prometheus.CounterVec
 }
 
 // NewStore creates the storage collectors, unregistered.
 func NewStore() *Store {
-	return &Store{
+	m := &Store{
 		LimitBytes: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "cove_store_limit_bytes",
 			Help: "The storage bound (--storage-max-size); 0 when unbounded.",
@@ -77,13 +79,21 @@ func NewStore() *Store {
 			Name: "cove_store_doomed_blobs",
 			Help: "On the leader: blobs chosen for eviction and waiting until no replica can still be reading them.",
 		}),
+		SharedReservations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cove_store_shared_reservations_total",
+			Help: "Replicas on one bucket: other replicas' reservations this leader granted, refused (no room: the fill passes through) or expired (its holder's records stopped listing it, or the holder went stale); on a follower, fallback: reservations made on the records' estimate because the leader did not answer in time.",
+		}, []string{"result"}),
 	}
+	for _, r := range []string{"granted", "refused", "expired", "fallback"} {
+		m.SharedReservations.WithLabelValues(r)
+	}
+	return m
 }
 
 // Register adds the collectors to reg.
 func (s *Store) Register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{s.LimitBytes, s.StoredBytes, s.ReservedBytes, s.PinnedBytes, s.Blobs,
-		s.Evictions, s.EvictedBytes, s.ReserveRefused, s.Errors, s.WalkedBlobs, s.RecordsCollected, s.EvictLeader, s.DoomedBlobs} {
+		s.Evictions, s.EvictedBytes, s.ReserveRefused, s.Errors, s.WalkedBlobs, s.RecordsCollected, s.EvictLeader, s.DoomedBlobs, s.SharedReservations} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}
