@@ -254,6 +254,9 @@ func serve(args []string, stderr io.Writer) int {
 	if referrersTTL == 0 {
 		referrersTTL = -1
 	}
+	if clusterCfg != nil {
+		clusterCfg.Reservations = store // while it leads shared eviction
+	}
 	srv, err := server.New(server.Config{
 		Storage:         store,
 		Reserve:         store.Reserve,
@@ -283,6 +286,9 @@ func serve(args []string, stderr io.Writer) int {
 	if err := storeMetrics.Register(srv.Metrics().Registry); err != nil {
 		log.Error("registering store metrics failed", "error", err)
 		return 1
+	}
+	if link := srv.ReservationLink(); link != nil {
+		store.SetLeaderLink(link) // a follower asks the leader for room (docs/scaleout.md)
 	}
 	var reloader *tlsreload.Reloader
 	if o.tlsCert != "" {

@@ -50,6 +50,9 @@ type ClusterConfig struct {
 	ConnectTimeout, HeaderTimeout time.Duration
 	// Transport overrides the transport to peers (tests).
 	Transport http.RoundTripper
+	// Reservations decides the other replicas' reservations while this replica leads
+	// shared eviction (peer_reserve.go); nil: they are answered 501.
+	Reservations ReservationGranter
 }
 
 // peering is a replica's side of the peer path.
@@ -62,7 +65,8 @@ type peering struct {
 	metrics *peerMetrics
 	uploads *http.Client // to replicas holding upload sessions (peer_upload.go)
 
-	handover *handover // notices and join-only offers (peer_handover.go)
+	handover *handover          // notices and join-only offers (peer_handover.go)
+	grants   ReservationGranter // the leader's side of reservations (peer_reserve.go)
 
 	mu       sync.Mutex
 	origined map[fill.Key]bool // peer fills whose bytes came from the origin: this replica stores them
@@ -106,6 +110,7 @@ func (s *Server) startPeering(cfg *ClusterConfig, spoolDir string, stall time.Du
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
 		origined: map[fill.Key]bool{},
+		grants:   cfg.Reservations,
 	}
 	if p.metrics, err = newPeerMetrics(s.metrics.Registry, cfg.Membership.Members); err != nil {
 		return err
@@ -160,7 +165,7 @@ func (s *Server) acceptPeer(w http.ResponseWriter, r *http.Request) (*http.Reque
 		httpx.WriteError(w, http.StatusForbidden, "DENIED", "peer authentication failed")
 		return nil, false
 	}
-	if r.URL.Path != noticePath { // notices are counted on their own (peer_handover.go)
+	if r.URL.Path != noticePath && !isReservationPath(r.URL.Path) { // not blob requests: counted on their own
 		s.peers.metrics.requests.WithLabelValues("accepted").Inc()
 	}
 	w.Header().Del(peerRefusedHeader)

@@ -163,22 +163,7 @@ func (s *Server) announce(ctx context.Context, state string, until time.Time) in
 func (p *peering) sendNotice(ctx context.Context, member, query string) error {
 	ctx, cancel := context.WithTimeout(ctx, noticeTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, member+noticePath+"?"+query, nil)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("User-Agent", "cove-cache-peer")
-	p.auth.Sign(req, p.self)
-	resp, err := p.client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 4<<10))
-	if resp.StatusCode != http.StatusNoContent {
-		return fmt.Errorf("answered %d", resp.StatusCode)
-	}
-	return nil
+	return p.post(ctx, member, noticePath, query)
 }
 
 // serveNotice applies a verified replica's notice about itself. The sender is the

@@ -239,6 +239,8 @@ func New(cfg Config) (*Server, error) {
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	s.mux.HandleFunc("GET /readyz", s.serveReady)
 	s.mux.HandleFunc("POST "+noticePath, s.serveNotice)
+	s.mux.HandleFunc("POST "+reservePath, s.serveReserve)
+	s.mux.HandleFunc("POST "+releasePath, s.serveRelease)
 	return s, nil
 }
 
