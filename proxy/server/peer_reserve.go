@@ -40,40 +40,47 @@ type ReservationGranter interface {
 
 func isReservationPath(p string) bool { return p == reservePath || p == releasePath }
 
-// reservationSender returns the verified member that sent r, or answers 403 and returns
-// false: only another current member reserves (never this replica in its own name).
-func (s *Server) reservationSender(w http.ResponseWriter, r *http.Request) (string, bool) {
-	sender, ok := r.Context().Value(peerRequestKey{}).(string)
+// reservationRequest reads what a reservation or a release names: the verified member
+// that sent it, its seq and digest. Otherwise it answers (403 not another member's own
+// request, 501 no shared bound here, 400 bad arguments) and returns ok false.
+func (s *Server) reservationRequest(w http.ResponseWriter, r *http.Request) (sender string, seq uint64, d digest.Digest, ok bool) {
+	sender, verified := r.Context().Value(peerRequestKey{}).(string)
 	switch {
-	case !ok || s.peers == nil:
+	case !verified || s.peers == nil:
 		s.log.Warn("peer reservation refused: not a verified peer request", "remote", r.RemoteAddr, "path", r.URL.Path)
 	case sender == s.peers.self || !slices.Contains(s.peers.ring.Members(), sender):
 		s.log.Warn("peer reservation refused: the sender is not another member", "remote", r.RemoteAddr, "peer", sender)
+	case s.peers.grants == nil:
+		httpx.WriteErr(w, fmt.Errorf("%w: this replica keeps no shared bound", errdefs.ErrNotImplemented))
+		return "", 0, "", false
 	default:
-		return sender, true
+		q := r.URL.Query()
+		var err error
+		if seq, err = strconv.ParseUint(q.Get("seq"), 10, 64); err != nil || seq == 0 {
+			httpx.WriteErr(w, httpx.InvalidArgument("seq: want a positive integer"))
+			return "", 0, "", false
+		}
+		if d, err = digest.Parse(q.Get("digest")); err != nil {
+			httpx.WriteErr(w, httpx.InvalidArgument("digest: "+err.Error()))
+			return "", 0, "", false
+		}
+		return sender, seq, d, true
 	}
 	w.Header().Set(peerRefusedHeader, "1")
 	httpx.WriteErr(w, httpx.PermissionDenied("reservations come from the other replicas only"))
-	return "", false
+	return "", 0, "", false
 }
 
 // serveReserve answers a follower's reservation: seq (its number for it), digest, cost.
 func (s *Server) serveReserve(w http.ResponseWriter, r *http.Request) {
-	sender, ok := s.reservationSender(w, r)
+	sender, seq, d, ok := s.reservationRequest(w, r)
 	if !ok {
 		return
 	}
-	if s.peers.grants == nil {
-		httpx.WriteErr(w, fmt.Errorf("%w: this replica keeps no shared bound", errdefs.ErrNotImplemented))
-		return
-	}
-	q := r.URL.Query()
-	seq, d, err := reservationArgs(q)
-	cost, cerr := strconv.ParseInt(q.Get("cost"), 10, 64)
-	if err == nil && (cerr != nil || cost <= 0) {
+	cost, err := strconv.ParseInt(r.URL.Query().Get("cost"), 10, 64)
+	if err != nil || cost <= 0 {
 		err = httpx.InvalidArgument("cost: want a positive byte count")
-	}
-	if err == nil {
+	} else {
 		err = s.peers.grants.GrantReservation(sender, seq, d, cost)
 	}
 	if err != nil {
@@ -86,19 +93,15 @@ func (s *Server) serveReserve(w http.ResponseWriter, r *http.Request) {
 // serveRelease answers a follower's end of a grant: seq, digest, and stored=1 with the
 // blob's size when the blob is in the store now.
 func (s *Server) serveRelease(w http.ResponseWriter, r *http.Request) {
-	sender, ok := s.reservationSender(w, r)
+	sender, seq, d, ok := s.reservationRequest(w, r)
 	if !ok {
 		return
 	}
-	if s.peers.grants == nil {
-		httpx.WriteErr(w, fmt.Errorf("%w: this replica keeps no shared bound", errdefs.ErrNotImplemented))
-		return
-	}
 	q := r.URL.Query()
-	seq, d, err := reservationArgs(q)
 	stored := q.Get("stored") == "1"
 	var size int64 = -1
-	if err == nil && stored {
+	var err error
+	if stored {
 		if size, err = strconv.ParseInt(q.Get("size"), 10, 64); err != nil || size < 0 {
 			err = httpx.InvalidArgument("size: want the stored blob's byte count")
 		}
@@ -111,18 +114,6 @@ func (s *Server) serveRelease(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
-}
-
-func reservationArgs(q url.Values) (uint64, digest.Digest, error) {
-	seq, err := strconv.ParseUint(q.Get("seq"), 10, 64)
-	if err != nil || seq == 0 {
-		return 0, "", httpx.InvalidArgument("seq: want a positive integer")
-	}
-	d, err := digest.Parse(q.Get("digest"))
-	if err != nil {
-		return 0, "", httpx.InvalidArgument("digest: " + err.Error())
-	}
-	return seq, d, nil
 }
 
 // ReservationLink is a follower's way to the leader's grants (evict.LeaderLink), or nil
