@@ -96,6 +96,9 @@ type sharedState struct {
 	// grant was asked for (shared_grants.go).
 	seq       uint64
 	grantBook // leader only: the reservations it granted (shared_grants.go)
+	// follower: the leader that last did not decide a reservation, asked again after
+	linkDown      string
+	linkDownUntil time.Time
 
 	syncMu      sync.Mutex
 	doomSeq     uint64

@@ -3,6 +3,7 @@ package evict
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -35,6 +36,11 @@ type LeaderLink interface {
 // grantTimeout bounds a call to the leader: past it, the follower reserves on its own
 // estimate rather than hold the fill up.
 const grantTimeout = 3 * time.Second
+
+// linkBackoff is how long a follower reserves on its own estimate after the leader
+// did not decide: a leader that hangs costs one grantTimeout per backoff, not per fill,
+// until the next round names another.
+const linkBackoff = 10 * time.Second
 
 // endedKept is the least time an ended grant is remembered, so that a replay of its
 // signed request is refused: well past a peer signature's window (cluster.DefaultWindow).
@@ -276,6 +282,11 @@ func (s *Store) reserveAtLeader(ctx context.Context, key fill.Key, size, cost in
 		s.mu.Unlock()
 		return nil, nil, false
 	}
+	if sh.linkDown == leader && s.now().Before(sh.linkDownUntil) {
+		s.mu.Unlock()
+		s.m.SharedReservations.WithLabelValues(grantFallback).Inc()
+		return nil, nil, false
+	}
 	// Listed in this replica's records from now on, so a record taken while the leader
 	// decides does not end the grant.
 	sh.seq++
@@ -289,6 +300,11 @@ func (s *Store) reserveAtLeader(ctx context.Context, key fill.Key, size, cost in
 	err = link.Reserve(cctx, leader, r.seq, key.Digest, cost)
 	cancel()
 	if err == nil {
+		s.mu.Lock()
+		if sh.linkDown == leader {
+			sh.linkDown = "" // it answers again
+		}
+		s.mu.Unlock()
 		return func(stored bool) {
 			s.mu.Lock()
 			s.endReservationLocked(key.Digest, r, stored)
@@ -296,17 +312,26 @@ func (s *Store) reserveAtLeader(ctx context.Context, key fill.Key, size, cost in
 			s.mu.Unlock()
 		}, nil, true
 	}
+	refused := errdefs.IsResourceExhausted(err)
 	s.mu.Lock()
 	r.leader = "" // refused or undecided: nothing to return (a grant the leader made anyway expires)
 	s.endReservationLocked(key.Digest, r, false)
 	s.gaugesLocked()
+	first := !refused && sh.linkDown != leader
+	if !refused {
+		sh.linkDown, sh.linkDownUntil = leader, s.now().Add(linkBackoff)
+	}
 	s.mu.Unlock()
-	if errdefs.IsResourceExhausted(err) {
+	if refused {
 		s.m.ReserveRefused.Inc()
 		return nil, fmt.Errorf("%w: no room for blob %s (%d bytes): refused by the eviction leader", errdefs.ErrResourceExhausted, key.Digest, size), true
 	}
 	s.m.SharedReservations.WithLabelValues(grantFallback).Inc()
-	s.log.Debug("the eviction leader did not decide a reservation: reserving on the records' estimate", "leader", leader, "digest", key.Digest, "error", err)
+	level := slog.LevelDebug
+	if first {
+		level = slog.LevelWarn
+	}
+	s.log.Log(ctx, level, "the eviction leader did not decide a reservation: reserving on the records' estimate for a while", "leader", leader, "for", linkBackoff.String(), "error", err)
 	return nil, nil, false
 }
 

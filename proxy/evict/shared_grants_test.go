@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
@@ -327,5 +328,38 @@ func TestSharedGrantsAcrossALeaderChange(t *testing.T) {
 	f.round(rest...)
 	if used := next.s.Used(); used >= 2<<20 {
 		t.Fatalf("the new leader counts %d bytes after a released", used)
+	}
+}
+
+// A leader that does not decide (down, hung, not the leader any more) is asked once per
+// backoff, not once per fill: the fills in between reserve on the records' estimate at
+// once rather than each wait for the call's timeout.
+func TestSharedGrantLeaderUndecidedBacksOff(t *testing.T) {
+	f := newSharedFixture(t, 4<<20, 2)
+	_, rest := f.roles()
+	a := rest[0]
+	l := &directLink{self: a.url, to: map[string]*Store{}} // reaches no one
+	a.s.SetLeaderLink(l)
+	for i := range 3 {
+		rel, err := a.s.Reserve(context.Background(), fillKey(fmt.Sprint("undecided-", i)), 100*kib)
+		if err != nil {
+			t.Fatalf("reservation %d with the leader unreachable: %v", i, err)
+		}
+		rel(false)
+	}
+	if got := l.reserves.Load(); got != 1 {
+		t.Fatalf("the unreachable leader was asked %d times for 3 fills", got)
+	}
+	if got := testutil.ToFloat64(a.m.SharedReservations.WithLabelValues(grantFallback)); got != 3 {
+		t.Fatalf("fallbacks = %v, want 3", got)
+	}
+	f.clk.Advance(linkBackoff + time.Second)
+	rel, err := a.s.Reserve(context.Background(), fillKey("after the backoff"), 100*kib)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel(false)
+	if got := l.reserves.Load(); got != 2 {
+		t.Fatalf("after the backoff the leader was asked %d times in all, want 2", got)
 	}
 }
