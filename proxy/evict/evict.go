@@ -88,14 +88,16 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 				s.mu.Unlock()
 			}, nil
 		}
-		s.mu.Unlock()
 		if s.sh != nil {
 			// Shared eviction frees room in rounds (two phases), never within a fill's
 			// request: this fill passes through, and the leader makes room ahead of the next.
+			s.wantRoomLocked(over)
+			s.mu.Unlock()
 			s.kickEvict()
 			s.m.ReserveRefused.Inc()
 			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes) until the eviction leader frees some", errdefs.ErrResourceExhausted, key.Digest, size)
 		}
+		s.mu.Unlock()
 		if attempt == 2 || s.evictBytes(ctx, over, triggerMaxSize) == 0 {
 			s.m.ReserveRefused.Inc()
 			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes): the rest of the store is pinned, being read or reserved", errdefs.ErrResourceExhausted, key.Digest, size)
@@ -250,17 +252,20 @@ func (s *Store) evictAhead(ctx context.Context) {
 	if s.sh != nil && !s.IsLeader() {
 		return
 	}
-	if max := s.cfg.MaxSize; max > 0 {
+	if limit := s.cfg.MaxSize; limit > 0 {
 		used := s.Used()
+		var wanted int64
 		if s.sh != nil {
 			s.mu.Lock()
 			used -= s.sh.doomedCost // chosen already, deleted when no replica reads them
+			wanted = s.sh.wanted - s.sh.doomedCost
+			s.sh.wanted = 0
 			s.mu.Unlock()
 		}
-		if used > int64(s.cfg.High*float64(max)) {
-			need := used - int64(s.cfg.Low*float64(max))
+		if used > int64(s.cfg.High*float64(limit)) || wanted > 0 {
+			need := max(used-int64(s.cfg.Low*float64(limit)), wanted)
 			freed := s.evictBytes(ctx, need, triggerMaxSize)
-			s.log.Info("evicted to the low watermark", "used_before", used, "freed", freed, "wanted", need, "limit", max)
+			s.log.Info("evicted to the low watermark", "used_before", used, "freed", freed, "wanted", need, "limit", limit)
 		}
 	}
 	if s.cfg.MinFree.IsZero() || s.cfg.Free == nil {

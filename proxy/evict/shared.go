@@ -95,7 +95,8 @@ type sharedState struct {
 	// from one counter, so a record whose Seq is past a grant's was taken after the
 	// grant was asked for (shared_grants.go).
 	seq       uint64
-	grantBook // leader only: the reservations it granted (shared_grants.go)
+	grantBook       // leader only: the reservations it granted (shared_grants.go)
+	wanted    int64 // leader only: room a refused reservation lacked, freed by the next eviction
 	// follower: the leader that last did not decide a reservation, asked again after
 	linkDown      string
 	linkDownUntil time.Time

@@ -125,7 +125,8 @@ func (s *Store) GrantReservation(member string, seq uint64, d digest.Digest, cos
 	if _, ended := sh.ended[k]; ended {
 		return fmt.Errorf("%w: reservation %d ended", errdefs.ErrFailedPrecondition, seq)
 	}
-	if s.usedLocked()+cost > s.cfg.MaxSize {
+	if over := s.usedLocked() + cost - s.cfg.MaxSize; over > 0 {
+		s.wantRoomLocked(over)
 		s.m.SharedReservations.WithLabelValues(grantRefused).Inc()
 		s.kickEvict()
 		return fmt.Errorf("%w: no room for blob %s (%d bytes) until the eviction leader frees some", errdefs.ErrResourceExhausted, d, cost)
@@ -249,6 +250,14 @@ func listsGrant(list []seenGrant, seq uint64, leader string) bool {
 		}
 	}
 	return false
+}
+
+// wantRoomLocked notes that a reservation was refused for want of over bytes: the
+// leader's next eviction frees at least that much, below the high watermark too, so a
+// store that sits between the watermarks does not refuse every fill larger than what
+// is left. s.mu held.
+func (s *Store) wantRoomLocked(over int64) {
+	s.sh.wanted = max(s.sh.wanted, over)
 }
 
 // dropGrantsLocked forgets the grants of a leadership that ended: their holders' records

@@ -363,3 +363,32 @@ func TestSharedGrantLeaderUndecidedBacksOff(t *testing.T) {
 		t.Fatalf("after the backoff the leader was asked %d times in all, want 2", got)
 	}
 }
+
+// A store that sits between its watermarks refuses a fill larger than what is left; the
+// refusal makes the leader free that room, so the next such fill fits (without it, every
+// one would pass through unstored while nothing passes the high watermark).
+func TestSharedGrantRefusalMakesRoom(t *testing.T) {
+	const max = 4 << 20
+	f := newSharedFixture(t, max, 2)
+	leader, rest := f.roles()
+	for range 7 {
+		f.put(leader, 480*kib)
+	}
+	f.round()
+	if used := leader.s.Used(); used > max*9/10 || used+1<<20 <= max {
+		t.Fatalf("the leader counts %d bytes: the test wants it between the high watermark and 1 MiB short of the bound", used)
+	}
+	d := digest.FromString("big")
+	if err := leader.s.GrantReservation(rest[0].url, 1, d, 1<<20); !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("1 MiB with less left: %v", err)
+	}
+	for range 3 {
+		f.round()
+	}
+	if got := testutil.ToFloat64(leader.m.Evictions.WithLabelValues(triggerMaxSize)); got == 0 {
+		t.Fatal("the refusal freed nothing")
+	}
+	if err := leader.s.GrantReservation(rest[0].url, 2, d, 1<<20); err != nil {
+		t.Fatalf("the next 1 MiB after the leader made room: %v", err)
+	}
+}
