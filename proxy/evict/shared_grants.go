@@ -257,7 +257,9 @@ func listsGrant(list []seenGrant, seq uint64, leader string) bool {
 // store that sits between the watermarks does not refuse every fill larger than what
 // is left. s.mu held.
 func (s *Store) wantRoomLocked(over int64) {
-	s.sh.wanted = max(s.sh.wanted, over)
+	if s.sh.leader { // a follower's refusal is the leader's to see in its own usage
+		s.sh.wanted = max(s.sh.wanted, over)
+	}
 }
 
 // dropGrantsLocked forgets the grants of a leadership that ended: their holders' records
