@@ -158,9 +158,10 @@ func (s *Store) ReturnReservation(ctx context.Context, member string, seq uint64
 	case g != nil && g.d != d:
 		s.mu.Unlock()
 		return fmt.Errorf("%w: reservation %d is held for another blob", errdefs.ErrInvalidArgument, seq)
-	case g != nil:
-		s.endGrantLocked(k, g)
-	case !ended:
+	case g == nil && ended:
+		s.mu.Unlock()
+		return nil // a retry
+	case g == nil:
 		leader := sh.leader
 		s.mu.Unlock()
 		if !leader {
@@ -168,11 +169,17 @@ func (s *Store) ReturnReservation(ctx context.Context, member string, seq uint64
 		}
 		return fmt.Errorf("%w: no reservation %d of this replica is held here", errdefs.ErrFailedPrecondition, seq)
 	}
-	s.gaugesLocked()
 	s.mu.Unlock()
-	if g != nil && stored {
+	if stored {
+		// Counted before the grant's room is given back: never both free at once.
 		s.mergeBlob(ctx, seenBlob{Digest: d, Size: size, Atime: s.now().UnixNano(), Stored: true})
 	}
+	s.mu.Lock()
+	if sh.granted[k] == g {
+		s.endGrantLocked(k, g)
+	}
+	s.gaugesLocked()
+	s.mu.Unlock()
 	return nil
 }
 
