@@ -117,14 +117,21 @@ func TestArtifact4GTwoClientsOneResumedFill(t *testing.T) {
 	// the blob, more than this.
 	slack := min(256<<20, size/4)
 	t.Logf("origin GETs of the layer answered %v, %d bytes in all (%d past the blob's size)", statuses, sent, sent-size)
-	if len(statuses) < 2 || statuses[0] != http.StatusOK && statuses[0] != http.StatusPartialContent {
-		t.Errorf("origin GETs of the layer answered %v: want a GET, cut, and ranged GETs to finish it", statuses)
-	}
-	for _, s := range statuses[1:] {
-		if s != http.StatusPartialContent {
-			t.Errorf("origin GETs of the layer answered %v: a resume must be a ranged GET (206)", statuses)
-			break
+	// The registry logs a request when it ends, so the order says nothing: the fill's
+	// first GET (200, or 206 when the fill starts in ranges) may end after the ranged
+	// GETs that go on past it. At most one GET may be whole; every resume is ranged.
+	whole := 0
+	for _, s := range statuses {
+		switch s {
+		case http.StatusOK:
+			whole++
+		case http.StatusPartialContent:
+		default:
+			t.Errorf("origin GETs of the layer answered %v: want 200 or 206", statuses)
 		}
+	}
+	if len(statuses) < 2 || whole > 1 {
+		t.Errorf("origin GETs of the layer answered %v: want a GET, cut, and ranged GETs (206) to finish it; a resume must be a ranged GET", statuses)
 	}
 	if sent < size || sent > size+slack {
 		t.Errorf("the origin sent %d bytes of the %d-byte layer: want the blob once (at most %d MiB more for the bytes in flight at the cut)", sent, size, slack>>20)
