@@ -46,6 +46,12 @@ const linkBackoff = 10 * time.Second
 // signed request is refused: well past a peer signature's window (cluster.DefaultWindow).
 const endedKept = 2 * time.Minute
 
+// The leader's answers that are the same for a reservation and its release.
+var (
+	errNoSharedBound = fmt.Errorf("%w: this replica keeps no shared bound", errdefs.ErrNotImplemented)
+	errNotLeader     = fmt.Errorf("%w: this replica is not the eviction leader", errdefs.ErrFailedPrecondition)
+)
+
 // Results of shared reservations (the metric's label).
 const (
 	grantGranted  = "granted"
@@ -104,7 +110,7 @@ func (s *Store) Leader() string {
 // grant ended), InvalidArgument, ResourceExhausted (no room: the fill passes through).
 func (s *Store) GrantReservation(member string, seq uint64, d digest.Digest, cost int64) error {
 	if s.sh == nil || s.cfg.MaxSize == 0 {
-		return fmt.Errorf("%w: this replica keeps no shared bound", errdefs.ErrNotImplemented)
+		return errNoSharedBound
 	}
 	if member == "" || seq == 0 || d.Validate() != nil || cost <= 0 {
 		return fmt.Errorf("%w: a reservation names its replica, a seq, a digest and a positive cost", errdefs.ErrInvalidArgument)
@@ -113,7 +119,7 @@ func (s *Store) GrantReservation(member string, seq uint64, d digest.Digest, cos
 	defer s.mu.Unlock()
 	sh := s.sh
 	if !sh.leader {
-		return fmt.Errorf("%w: this replica is not the eviction leader", errdefs.ErrFailedPrecondition)
+		return errNotLeader
 	}
 	k := grantKey{member, seq}
 	if g := sh.granted[k]; g != nil {
@@ -144,7 +150,7 @@ func (s *Store) GrantReservation(member string, seq uint64, d digest.Digest, cos
 // its next merge. Returning a grant already ended is not an error (a retry).
 func (s *Store) ReturnReservation(ctx context.Context, member string, seq uint64, d digest.Digest, stored bool, size int64) error {
 	if s.sh == nil || s.cfg.MaxSize == 0 {
-		return fmt.Errorf("%w: this replica keeps no shared bound", errdefs.ErrNotImplemented)
+		return errNoSharedBound
 	}
 	if member == "" || seq == 0 || d.Validate() != nil || (stored && size < 0) {
 		return fmt.Errorf("%w: a release names its replica, a seq, a digest and a stored blob's size", errdefs.ErrInvalidArgument)
@@ -165,7 +171,7 @@ func (s *Store) ReturnReservation(ctx context.Context, member string, seq uint64
 		leader := sh.leader
 		s.mu.Unlock()
 		if !leader {
-			return fmt.Errorf("%w: this replica is not the eviction leader", errdefs.ErrFailedPrecondition)
+			return errNotLeader
 		}
 		return fmt.Errorf("%w: no reservation %d of this replica is held here", errdefs.ErrFailedPrecondition, seq)
 	}
@@ -190,25 +196,20 @@ func (s *Store) endGrantLocked(k grantKey, g *grant) {
 }
 
 // grantsCountedLocked is what the live replicas' records count as reserved that the
-// leader counts itself already: the grants they list that it holds or ended. s.mu held.
+// leader counts itself already: the grants they list that it holds or ended. A grant of
+// another leader is counted in its record's reserved bytes only. s.mu held.
 func (s *Store) grantsCountedLocked(listed map[string][]seenGrant) int64 {
+	sh := s.sh
 	var n int64
-	for m, list := range listed {
-		n += s.sh.countedIn(m, list)
-	}
-	return n
-}
-
-func (sh *sharedState) countedIn(member string, list []seenGrant) int64 {
-	var n int64
-	for _, g := range list {
-		if g.Leader != sh.cfg.Self {
-			continue // another leader's grant: counted in the record's reserved bytes
-		}
-		k := grantKey{member, g.Seq}
-		_, ended := sh.ended[k]
-		if sh.granted[k] != nil || ended {
-			n += g.Cost
+	for member, list := range listed {
+		for _, g := range list {
+			if g.Leader != sh.cfg.Self {
+				continue
+			}
+			k := grantKey{member, g.Seq}
+			if _, ended := sh.ended[k]; ended || sh.granted[k] != nil {
+				n += g.Cost
+			}
 		}
 	}
 	return n
