@@ -6,6 +6,8 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -401,4 +403,42 @@ func TestStatBeforeOpenKeepsBlob(t *testing.T) {
 		t.Fatal("a blob used since it was listed was evicted")
 	}
 	f.wantStored(map[digest.Digest]bool{a: true})
+}
+
+// A fill's blob adopted held is not evicted while its clients still read the spool (on a
+// filesystem the stored blob's own inode: deleted, its blocks would stay allocated past
+// the bound until they finish); once released it may go.
+func TestAdoptedHeldBlobIsNotEvicted(t *testing.T) {
+	f := newFixture(t, 480*kib)
+	ctx := context.Background()
+	b := make([]byte, 100*kib)
+	rand.Read(b)
+	d := digest.FromBytes(b)
+	spool := filepath.Join(t.TempDir(), "spool")
+	if err := os.WriteFile(spool, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	release, err := f.s.AdoptFileHeld(ctx, d, int64(len(b)), spool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.clk.Advance(time.Second)
+	other := f.put(100 * kib) // newer: the held blob is the least recently used
+	if freed := f.s.evictBytes(ctx, 1, triggerMaxSize); freed == 0 {
+		t.Fatal("nothing evicted")
+	}
+	if !f.stored(d) || f.stored(other) {
+		t.Fatalf("held blob stored = %v, newer blob stored = %v: eviction took the held one", f.stored(d), f.stored(other))
+	}
+	release()
+	release() // once only: a second call must not free another reader's hold
+	f.s.mu.Lock()
+	refs := f.s.blobs[d].refs
+	f.s.mu.Unlock()
+	if refs != 0 {
+		t.Fatalf("refs after release = %d, want 0", refs)
+	}
+	if freed := f.s.evictBytes(ctx, 1, triggerMaxSize); freed == 0 || f.stored(d) {
+		t.Fatal("the released blob was not evicted")
+	}
 }

@@ -171,7 +171,7 @@ func (s *Store) reconcile(ctx context.Context) {
 		_, gone := s.deleting[bi.Digest]
 		s.mu.Unlock()
 		if !known && !gone {
-			s.added(bi.Digest, bi.Size, false)
+			s.added(bi.Digest, bi.Size, addStored)
 			added++
 		}
 		return nil

@@ -185,7 +185,7 @@ func (s *Store) mergeBlob(ctx context.Context, t seenBlob) {
 			return
 		}
 	}
-	e := s.added(t.Digest, t.Size, false)
+	e := s.added(t.Digest, t.Size, addStored)
 	s.mu.Lock()
 	if t.Atime > 0 && s.blobs[t.Digest] == e {
 		e.atime = t.Atime

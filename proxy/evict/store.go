@@ -239,7 +239,7 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (storage.Blob, error)
 		return nil, err
 	}
 	if e == nil {
-		e = s.added(d, b.Size(), true)
+		e = s.added(d, b.Size(), addFound)
 	}
 	ob := &openBlob{Blob: b, release: func() {
 		s.mu.Lock()
@@ -306,13 +306,37 @@ func (s *Store) Put(ctx context.Context, d digest.Digest, size int64, r io.Reade
 		}
 		return err
 	}
-	s.added(d, size, false)
+	s.added(d, size, addStored)
 	return nil
 }
 
 // AdoptFile adopts through the inner driver when it can, else stores the file with Put.
 // A fill's room was reserved before it started (Reserve).
 func (s *Store) AdoptFile(ctx context.Context, d digest.Digest, size int64, path string) error {
+	_, err := s.adopt(ctx, d, size, path, addStored)
+	return err
+}
+
+// AdoptFileHeld adopts like AdoptFile and holds the blob as a reader until release: a
+// fill's clients go on reading its spool after the commit, and on a filesystem that is
+// the stored blob's own inode, whose blocks an eviction would leave allocated, past
+// the bound, until they finish.
+func (s *Store) AdoptFileHeld(ctx context.Context, d digest.Digest, size int64, path string) (release func(), err error) {
+	e, err := s.adopt(ctx, d, size, path, addStoredHeld)
+	if err != nil {
+		return nil, err
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			e.refs--
+			s.mu.Unlock()
+		})
+	}, nil
+}
+
+func (s *Store) adopt(ctx context.Context, d digest.Digest, size int64, path string, kind addKind) (*entry, error) {
 	var err error
 	if ad, ok := s.inner.(storage.FileAdopter); ok {
 		err = ad.AdoptFile(ctx, d, size, path)
@@ -329,10 +353,9 @@ func (s *Store) AdoptFile(ctx context.Context, d digest.Digest, size int64, path
 		if ctx.Err() == nil {
 			s.m.Errors.WithLabelValues("put").Inc()
 		}
-		return err
+		return nil, err
 	}
-	s.added(d, size, false)
-	return nil
+	return s.added(d, size, kind), nil
 }
 
 // Delete removes a blob and the records that go with it.
@@ -389,9 +412,18 @@ func (s *Store) ListRecords(ctx context.Context, prefix string, fn func(key stri
 	return s.inner.ListRecords(ctx, prefix, fn)
 }
 
+// How a blob came to be added to the accounting.
+type addKind int
+
+const (
+	addStored     addKind = iota // new in the store: a Put, a fill, a walk, a replica's record
+	addStoredHeld                // the same, held by the caller as a reader until it releases it
+	addFound                     // found by a reader (Open) though the index missed it
+)
+
 // added accounts a stored blob (or touches it when known) and attaches the records that
-// were waiting for it.
-func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
+// were waiting for it. A held or found blob counts one reader the caller must release.
+func (s *Store) added(d digest.Digest, size int64, kind addKind) *entry {
 	s.mu.Lock()
 	e := s.blobs[d]
 	fresh := e == nil
@@ -410,16 +442,17 @@ func (s *Store) added(d digest.Digest, size int64, reading bool) *entry {
 			s.endReservationLocked(d, list[0], true)
 		}
 	}
-	if reading {
+	if kind != addStored {
 		e.refs++
 	}
+	announce := fresh && kind != addFound
 	e.atime = s.now().UnixNano()
 	s.dirty = true
-	s.touchLocked(d, e, fresh && !reading)
+	s.touchLocked(d, e, announce)
 	s.gaugesLocked()
 	s.mu.Unlock()
 	s.kickEvict()
-	if fresh && !reading {
+	if announce {
 		s.kickSync()
 	}
 	s.changedAfterClose()

@@ -278,7 +278,9 @@ type Fill struct {
 	verified bool          // the whole body matched digest and size
 	err      error         // terminal failure
 	file     *os.File
-	sent     bool // a reader was given bytes: a resume can no longer start over
+	onClose  []func() // run once the spool is closed (OnClose)
+	closed   bool     // the last reference was released
+	sent     bool     // a reader was given bytes: a resume can no longer start over
 
 	// Passing through (see window.go).
 	pass     bool                 // the store did not take the blob: nothing more is spooled
@@ -303,14 +305,33 @@ func (f *Fill) Release() {
 	f.m.mu.Unlock()
 	if last {
 		f.mu.Lock()
-		file := f.file
-		f.file = nil
+		file, onClose := f.file, f.onClose
+		f.file, f.onClose = nil, nil
 		f.win = nil // the window's memory goes with the last reader
+		f.closed = true
 		f.mu.Unlock()
 		if file != nil {
 			file.Close()
 			os.Remove(file.Name()) // gone already when committed; removes a failed spool
 		}
+		for _, fn := range onClose {
+			fn()
+		}
+	}
+}
+
+// OnClose runs fn once the last reader has released the fill and its spool is closed
+// (at once when that has happened already). A commit hook uses it to hold the stored blob
+// while clients still read the spool.
+func (f *Fill) OnClose(fn func()) {
+	f.mu.Lock()
+	if !f.closed {
+		f.onClose = append(f.onClose, fn)
+		fn = nil
+	}
+	f.mu.Unlock()
+	if fn != nil {
+		fn()
 	}
 }
 

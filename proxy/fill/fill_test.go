@@ -331,3 +331,44 @@ func TestConnectionRefused(t *testing.T) {
 		t.Fatalf("Response: %v", err)
 	}
 }
+
+// A hook the commit registers with OnClose runs only once the last client has released
+// the fill (its spool closed), not at commit; registered after that, it runs at once.
+func TestOnCloseRunsAfterTheLastReader(t *testing.T) {
+	body := randomBytes(t, 1<<20)
+	d := digest.FromBytes(body)
+	var calls atomic.Int32
+	origin := slowOrigin(t, body, &calls, nil)
+	var closed atomic.Int32
+	var fills = make(chan *Fill, 1)
+	commit := func(_ context.Context, f *Fill, path string) error {
+		f.OnClose(func() { closed.Add(1) })
+		fills <- f
+		return nil
+	}
+	m, err := NewManager(t.TempDir(), commit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, _ := m.Join(Key{Registry: "r.example", Digest: d}, "owner", get(origin.URL))
+	if _, err := f.Response(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// Read to the end: the fill commits and ends while this client still holds it.
+	if got, err := io.ReadAll(f.NewReader(context.Background(), 0, -1)); err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read: %v", err)
+	}
+	<-f.Settled()
+	<-fills
+	if n := closed.Load(); n != 0 {
+		t.Fatalf("OnClose ran %d times while a client still held the fill", n)
+	}
+	f.Release()
+	if n := closed.Load(); n != 1 {
+		t.Fatalf("OnClose ran %d times after the last release, want 1", n)
+	}
+	f.OnClose(func() { closed.Add(1) })
+	if n := closed.Load(); n != 2 {
+		t.Fatal("OnClose registered after the spool closed did not run at once")
+	}
+}

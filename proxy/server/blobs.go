@@ -367,7 +367,13 @@ func rangeStart(header string) int64 {
 func (s *Server) commitFill(ctx context.Context, f *fill.Fill, spoolPath string) error {
 	size := f.Size()
 	var err error
-	if ad, ok := s.store.(storage.FileAdopter); ok {
+	if ad, ok := s.store.(storage.HeldAdopter); ok {
+		// Held until the fill's clients have read the spool: not evicted under them.
+		var release func()
+		if release, err = ad.AdoptFileHeld(ctx, f.Key.Digest, size, spoolPath); err == nil {
+			f.OnClose(release)
+		}
+	} else if ad, ok := s.store.(storage.FileAdopter); ok {
 		err = ad.AdoptFile(ctx, f.Key.Digest, size, spoolPath)
 	} else {
 		var file *os.File

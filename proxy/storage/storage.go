@@ -71,6 +71,13 @@ type FileAdopter interface {
 	AdoptFile(ctx context.Context, dgst digest.Digest, size int64, path string) error
 }
 
+// HeldAdopter is implemented by stores that evict (evict.Store): AdoptFileHeld adopts like
+// FileAdopter and keeps the blob from being evicted, as an open reader would, until
+// release is called. A fill holds the blob it stored while its clients read on.
+type HeldAdopter interface {
+	AdoptFileHeld(ctx context.Context, dgst digest.Digest, size int64, path string) (release func(), err error)
+}
+
 // Verify checks a digest before a driver uses it to build a path or object name.
 func Verify(dgst digest.Digest) error {
 	if err := dgst.Validate(); err != nil {
