@@ -83,9 +83,7 @@ func (f *fixture) open(max int64, mod ...func(*Config)) *Store {
 func (f *fixture) put(size int) digest.Digest {
 	f.t.Helper()
 	f.clk.Advance(time.Second)
-	b := make([]byte, size)
-	rand.Read(b)
-	d := digest.FromBytes(b)
+	b, d := randomBlob(size)
 	ctx := context.Background()
 	if err := f.s.Put(ctx, d, int64(size), bytes.NewReader(b)); err != nil {
 		f.t.Fatal(err)
@@ -96,6 +94,13 @@ func (f *fixture) put(size int) digest.Digest {
 		}
 	}
 	return d
+}
+
+// randomBlob is size random bytes and their digest.
+func randomBlob(size int) ([]byte, digest.Digest) {
+	b := make([]byte, size)
+	rand.Read(b)
+	return b, digest.FromBytes(b)
 }
 
 func blobRecords(d digest.Digest) []string {
@@ -364,9 +369,7 @@ func TestParseSize(t *testing.T) {
 func TestReservationEndsAtCommit(t *testing.T) {
 	f := newFixture(t, 480*kib)
 	ctx := context.Background()
-	b := make([]byte, 100*kib)
-	rand.Read(b)
-	d := digest.FromBytes(b)
+	b, d := randomBlob(100 * kib)
 	release, err := f.s.Reserve(ctx, fill.Key{Registry: "reg.example", Digest: d}, int64(len(b)))
 	if err != nil {
 		t.Fatal(err)
@@ -411,9 +414,7 @@ func TestStatBeforeOpenKeepsBlob(t *testing.T) {
 func TestAdoptedHeldBlobIsNotEvicted(t *testing.T) {
 	f := newFixture(t, 480*kib)
 	ctx := context.Background()
-	b := make([]byte, 100*kib)
-	rand.Read(b)
-	d := digest.FromBytes(b)
+	b, d := randomBlob(100 * kib)
 	spool := filepath.Join(t.TempDir(), "spool")
 	if err := os.WriteFile(spool, b, 0o600); err != nil {
 		t.Fatal(err)

@@ -3,7 +3,6 @@ package evict
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"fmt"
 	"io"
 	"log/slog"
@@ -129,9 +128,7 @@ func (f *sharedFixture) roles() (*replica, []*replica) {
 func (f *sharedFixture) put(r *replica, size int) digest.Digest {
 	f.t.Helper()
 	f.clk.Advance(time.Second)
-	b := make([]byte, size)
-	rand.Read(b)
-	d := digest.FromBytes(b)
+	b, d := randomBlob(size)
 	ctx := context.Background()
 	if err := r.s.Put(ctx, d, int64(size), bytes.NewReader(b)); err != nil {
 		f.t.Fatal(err)
