@@ -98,10 +98,13 @@ func (s *Store) Reserve(ctx context.Context, key fill.Key, size int64) (func(sto
 			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes) until the eviction leader frees some", errdefs.ErrResourceExhausted, key.Digest, size)
 		}
 		s.mu.Unlock()
-		if attempt == 2 || s.evictBytes(ctx, over, triggerMaxSize) == 0 {
-			s.m.ReserveRefused.Inc()
-			return nil, fmt.Errorf("%w: no room for blob %s (%d bytes): the rest of the store is pinned, being read or reserved", errdefs.ErrResourceExhausted, key.Digest, size)
+		if attempt < 2 {
+			if freed, fits := s.evictFor(ctx, cost); fits || freed > 0 {
+				continue // count again: others may have reserved what was freed
+			}
 		}
+		s.m.ReserveRefused.Inc()
+		return nil, fmt.Errorf("%w: no room for blob %s (%d bytes): the rest of the store is pinned, being read or reserved", errdefs.ErrResourceExhausted, key.Digest, size)
 	}
 }
 
@@ -146,12 +149,21 @@ func (s *Store) makeRoom(ctx context.Context, size int64) {
 	if s.cfg.MaxSize == 0 || s.sh != nil {
 		return
 	}
+	s.evictFor(ctx, blobCost(size)+recordCost)
+}
+
+// evictFor evicts what cost bytes more would pass the bound by (not shared). The excess
+// is counted under evictMu: an eviction that ran meanwhile may have freed it already.
+func (s *Store) evictFor(ctx context.Context, cost int64) (freed int64, fits bool) {
+	s.evictMu.Lock()
+	defer s.evictMu.Unlock()
 	s.mu.Lock()
-	over := s.usedLocked() + blobCost(size) + recordCost - s.cfg.MaxSize
+	over := s.usedLocked() + cost - s.cfg.MaxSize
 	s.mu.Unlock()
-	if over > 0 {
-		s.evictBytes(ctx, over, triggerMaxSize)
+	if over <= 0 {
+		return 0, true
 	}
+	return s.evictBytes(ctx, over, triggerMaxSize), false
 }
 
 // evictBytes evicts least recently used blobs until need bytes are freed or nothing more
@@ -252,6 +264,8 @@ func (s *Store) evictAhead(ctx context.Context) {
 	if s.sh != nil && !s.IsLeader() {
 		return
 	}
+	s.evictMu.Lock()
+	defer s.evictMu.Unlock()
 	if limit := s.cfg.MaxSize; limit > 0 {
 		used := s.Used()
 		var wanted int64

@@ -443,3 +443,31 @@ func TestAdoptedHeldBlobIsNotEvicted(t *testing.T) {
 		t.Fatal("the released blob was not evicted")
 	}
 }
+
+// Evictions that start at once (the background evictor, a fill short of room, a manifest
+// Put) free the excess once between them: each counts it under evictMu.
+func TestEvictionsAtOnceFreeTheExcessOnce(t *testing.T) {
+	f := newFixture(t, 2000*kib) // high 1800 KiB, low 1600 KiB
+	for range 16 {                // 16 x 116 KiB = 1856 KiB
+		f.put(100 * kib)
+	}
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if i%2 == 0 {
+				f.s.evictAhead(ctx)
+			} else {
+				f.s.evictFor(ctx, 100*kib)
+			}
+		}()
+	}
+	wg.Wait()
+	// Down to the low watermark (at most 2 blobs), and the 108 KiB room asked for once.
+	if used := f.s.Used(); used < 1600*kib-2*116*kib {
+		t.Fatalf("used %d KiB after evictions at once: the excess was freed more than once (%v evictions)",
+			used/kib, testutil.ToFloat64(f.m.Evictions.WithLabelValues(triggerMaxSize)))
+	}
+}

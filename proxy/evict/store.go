@@ -111,6 +111,9 @@ type Store struct {
 	closed    atomic.Bool // the clean index is written: a later change must unmark it
 	indexMu   sync.Mutex
 	pinMu     sync.Mutex // one pin resolution at a time
+	// evictMu: one eviction at a time. Each works out what to free from the usage it
+	// reads, and two at once would both free the same excess (taken before mu).
+	evictMu sync.Mutex
 	cancel    context.CancelFunc
 	done      chan struct{}
 }
@@ -118,6 +121,7 @@ type Store struct {
 var (
 	_ storage.Driver      = (*Store)(nil)
 	_ storage.FileAdopter = (*Store)(nil)
+	_ storage.HeldAdopter = (*Store)(nil)
 )
 
 // New wraps inner. Nothing is read until Start.
