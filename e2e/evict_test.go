@@ -49,16 +49,11 @@ func tmpfsUsage(t *testing.T, dir string) int64 {
 // temporary directory measured by a walk (exact only at rest: while eviction deletes a
 // blob and fills spool others, one walk may count the deleted blob and the grown spool).
 func storeDir(t *testing.T) (dir string, usage func(*testing.T, string) int64, exact bool) {
-	dir = t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=1g"); err != nil {
+	dir, err := peers.TryMountTmpfs(t, "size=1g")
+	if err != nil {
 		t.Logf("no tmpfs for the store (%v): its usage is sampled by walks", err)
-		return dir, diskUsage, false
+		return t.TempDir(), diskUsage, false
 	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, 0); err != nil {
-			_ = syscall.Unmount(dir, syscall.MNT_DETACH)
-		}
-	})
 	return dir, tmpfsUsage, true
 }
 

@@ -12,12 +12,23 @@ import (
 // mount (the full-disk tests need root or CAP_SYS_ADMIN).
 func MountTmpfs(t testing.TB, opts string) string {
 	t.Helper()
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, opts); err != nil {
+	dir, err := TryMountTmpfs(t, opts)
+	if err != nil {
 		if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES) {
 			t.Skipf("cannot mount a tmpfs here (%v): the full-disk tests need root or CAP_SYS_ADMIN", err)
 		}
 		t.Fatalf("mount tmpfs: %v", err)
+	}
+	return dir
+}
+
+// TryMountTmpfs is MountTmpfs for a test that can do without a tmpfs: it returns the
+// mount error instead of skipping or failing.
+func TryMountTmpfs(t testing.TB, opts string) (string, error) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, opts); err != nil {
+		return "", err
 	}
 	t.Cleanup(func() {
 		if err := syscall.Unmount(dir, 0); err != nil {
@@ -25,7 +36,7 @@ func MountTmpfs(t testing.TB, opts string) string {
 			_ = syscall.Unmount(dir, syscall.MNT_DETACH)
 		}
 	})
-	return dir
+	return dir, nil
 }
 
 // RemountTmpfs changes a tmpfs MountTmpfs mounted: flags (syscall.MS_RDONLY, or 0 for

@@ -448,7 +448,7 @@ func TestAdoptedHeldBlobIsNotEvicted(t *testing.T) {
 // Put) free the excess once between them: each counts it under evictMu.
 func TestEvictionsAtOnceFreeTheExcessOnce(t *testing.T) {
 	f := newFixture(t, 2000*kib) // high 1800 KiB, low 1600 KiB
-	for range 16 {                // 16 x 116 KiB = 1856 KiB
+	for range 16 {               // 16 x 116 KiB = 1856 KiB
 		f.put(100 * kib)
 	}
 	ctx := context.Background()

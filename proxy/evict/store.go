@@ -114,8 +114,8 @@ type Store struct {
 	// evictMu: one eviction at a time. Each works out what to free from the usage it
 	// reads, and two at once would both free the same excess (taken before mu).
 	evictMu sync.Mutex
-	cancel    context.CancelFunc
-	done      chan struct{}
+	cancel  context.CancelFunc
+	done    chan struct{}
 }
 
 var (
