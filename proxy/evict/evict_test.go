@@ -471,3 +471,65 @@ func TestEvictionsAtOnceFreeTheExcessOnce(t *testing.T) {
 			used/kib, testutil.ToFloat64(f.m.Evictions.WithLabelValues(triggerMaxSize)))
 	}
 }
+
+// gatedDelete is a driver whose Delete waits until the test opens the gate: a disk slow
+// to unlink, or an eviction caught between its choice and the unlink.
+type gatedDelete struct {
+	*filesystem.Driver
+	entered chan digest.Digest
+	gate    chan struct{}
+}
+
+func (g *gatedDelete) Delete(ctx context.Context, d digest.Digest) error {
+	g.entered <- d
+	<-g.gate
+	return g.Driver.Delete(ctx, d)
+}
+
+// An evicted blob's bytes count against the bound until its file is deleted: a fill
+// that reserves meanwhile waits for the deletion, rather than spool beside a file the
+// disk still holds (the disk past the bound).
+func TestEvictedBlobCountsUntilDeleted(t *testing.T) {
+	f := newFixture(t, 480*kib)
+	ctx := context.Background()
+	for range 4 { // 4 x 116 KiB = 464 KiB
+		f.put(100 * kib)
+	}
+	inner := &gatedDelete{Driver: f.inner, entered: make(chan digest.Digest, 8), gate: make(chan struct{})}
+	s, err := New(inner, Config{MaxSize: 480 * kib, Clock: f.clk.Now, Metrics: metrics.NewStore(), Interval: time.Hour, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.reconcile(ctx) // the four blobs, walked
+	before := s.Used()
+
+	reserved := make(chan error, 2)
+	reserve := func(name string) {
+		_, err := s.Reserve(ctx, fill.Key{Registry: "reg.example", Digest: digest.FromString(name)}, 100*kib)
+		reserved <- err
+	}
+	go reserve("first") // needs one blob's room: evicts one
+	victim := <-inner.entered
+	if used := s.Used(); used < before {
+		close(inner.gate)
+		t.Fatalf("used %d KiB while %s is still on disk, %d KiB before: its bytes were counted as freed before they were", used/kib, victim.Encoded()[:8], before/kib)
+	}
+	go reserve("second") // waits for the deletion, then needs a second blob's room
+	select {
+	case err := <-reserved:
+		close(inner.gate)
+		t.Fatalf("a reservation returned (%v) while the blob it needs the room of is still on disk", err)
+	case <-inner.entered:
+		t.Fatal("a second deletion started while the first was in flight")
+	case <-time.After(200 * time.Millisecond): // a pass here can only be late, never wrong
+	}
+	close(inner.gate)
+	for range 2 {
+		if err := <-reserved; err != nil {
+			t.Fatalf("reservation: %v", err)
+		}
+	}
+	if used := s.Used(); used > 480*kib {
+		t.Fatalf("used %d KiB past the 480 KiB bound", used/kib)
+	}
+}
