@@ -57,7 +57,7 @@ func (s *Store) lead(ctx context.Context, peers map[string]*seenRecord, now time
 			dm.seq = sh.doomSeq
 		}
 	}
-	u := usageRecord{Version: sharedFormat, Leader: sh.cfg.Self, Stored: s.stored + s.indexBytes, Blobs: len(s.blobs),
+	u := usageRecord{Version: sharedFormat, Leader: sh.cfg.Self, Stored: s.stored + s.unlinking + s.indexBytes, Blobs: len(s.blobs),
 		Reserved: map[string]int64{sh.cfg.Self: s.reserved}, Merged: map[string]uint64{}}
 	for d := range s.pinned {
 		if e := s.blobs[d]; e != nil {
