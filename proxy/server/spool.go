@@ -54,6 +54,10 @@ func newSpool(path string) *spool {
 type spoolStream struct {
 	buf  *bufio.Writer
 	void bool // its request was refused by the origin: what it reads is not kept
+	// late: the transport read its body after the origin answered (an early refusal
+	// does that) and before the handler could rewind: those bytes are not kept, and the
+	// spool stands only if the request turns out refused (void).
+	late bool
 }
 
 // end is the number of bytes the spool took: where the next chunk must start.
@@ -70,7 +74,7 @@ func (s *spool) end() int64 {
 func (s *spool) tee(body io.Reader, offset int64) io.Reader {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.stray {
+	if s.stray || s.lateLocked() {
 		s.dropLocked()
 	}
 	if s.broken {
@@ -107,9 +111,9 @@ func (t *teeReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// write appends p for the request st; bytes read after st's request ended (a transport
-// still reading a body after the origin answered) break the spool: they were forwarded,
-// not kept.
+// write appends p for the request st. Bytes read after st's request ended (a transport
+// still reading a body after the origin answered) were forwarded, not kept: they void
+// nothing if the origin refused the request (rewind), and break the spool otherwise.
 func (s *spool) write(st *spoolStream, p []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -117,6 +121,10 @@ func (s *spool) write(st *spoolStream, p []byte) {
 		return
 	}
 	if s.stream != st {
+		if st == s.last {
+			st.late = true // the verdict on the request is still to come
+			return
+		}
 		s.dropLocked()
 		return
 	}
@@ -183,7 +191,7 @@ func (s *spool) rewind(mark int64) {
 func (s *spool) agree(originSize int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if originSize != s.size || s.stray {
+	if originSize != s.size || s.stray || s.lateLocked() {
 		s.dropLocked()
 	}
 }
@@ -195,7 +203,7 @@ func (s *spool) agree(originSize int64) {
 func (s *spool) finish(want digest.Digest) (path string, size int64, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := s.pauseLocked(); err != nil || s.broken || s.stray || want.Algorithm() != digest.Canonical {
+	if err := s.pauseLocked(); err != nil || s.broken || s.stray || s.lateLocked() || want.Algorithm() != digest.Canonical {
 		s.dropLocked()
 		return "", 0, false
 	}
@@ -217,6 +225,12 @@ func (s *spool) finish(want digest.Digest) (path string, size int64, ok bool) {
 	}
 	s.broken = true // handed over: nothing more is written, discard removes nothing the caller kept
 	return s.path, s.size, true
+}
+
+// lateLocked: the last request's body was read after it ended, and the origin did not
+// refuse it: bytes it took are missing from the spool.
+func (s *spool) lateLocked() bool {
+	return s.last != nil && s.last.late && !s.last.void
 }
 
 // drop stops spooling and removes the file.

@@ -101,6 +101,24 @@ func TestPushSpoolDropsWhatItCannotFollow(t *testing.T) {
 	if _, _, ok := late.finish(digest.FromBytes(blob)); ok {
 		t.Fatal("a spool read after its request ended was kept")
 	}
+
+	// The same straggler on a chunk the origin took (202): the next chunk finds it.
+	took := newSpool(filepath.Join(dir, "took"))
+	r = took.tee(bytes.NewReader(blob[:50000]), 0)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := took.pause(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(r); err != nil {
+		t.Fatal(err)
+	}
+	took.agree(50000)
+	forward(t, took, blob[50000:], 50000)
+	if _, _, ok := took.finish(digest.FromBytes(blob)); ok {
+		t.Fatal("a spool missing bytes read after their request ended was kept")
+	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 		t.Fatalf("%d spool files left", len(ents))
 	}
@@ -141,6 +159,20 @@ func TestPushSpoolRewindsRefusedChunk(t *testing.T) {
 	if _, err := io.ReadAll(r); err != nil { // the straggler of the refused body
 		t.Fatal(err)
 	}
+	// Refused again, and read on after the answer but before the handler rewinds: an
+	// origin that refuses without reading the body answers while the transport still
+	// sends it (make test lost a pushed blob's spool so).
+	r = sp.tee(bytes.NewReader(junk), mark)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := sp.pause(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(r); err != nil { // the straggler, before the verdict
+		t.Fatal(err)
+	}
+	sp.rewind(mark)
 	forward(t, sp, junk, 0) // elsewhere, refused
 	sp.rewind(mark)
 	if sp.end() != 1000 {
