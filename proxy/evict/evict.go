@@ -225,7 +225,7 @@ func (s *Store) removeBlob(ctx context.Context, d digest.Digest, atime int64, tr
 	}
 	delete(s.blobs, d)
 	cost := e.cost()
-	s.deleting[d] = cost
+	s.deleting[d] = struct{}{}
 	s.stored -= cost
 	s.unlinking += cost
 	for k := range e.records {

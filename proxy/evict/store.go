@@ -92,12 +92,12 @@ type Store struct {
 
 	mu         sync.Mutex
 	blobs      map[digest.Digest]*entry
-	deleting   map[digest.Digest]int64 // blobs being deleted, and their cost
-	opening    map[digest.Digest]int   // opens in flight of blobs not in blobs yet
+	deleting   map[digest.Digest]struct{}
+	opening    map[digest.Digest]int // opens in flight of blobs not in blobs yet
 	pending    map[digest.Digest]*pending
 	owner      map[string]digest.Digest // record key -> the blob it goes with
 	stored     int64                    // sum of entry costs
-	unlinking  int64                    // sum of deleting's costs: on disk still
+	unlinking  int64                    // costs of the blobs deleting: on disk still
 	reserved   int64
 	resv       map[digest.Digest][]*reservation
 	indexBytes int64
@@ -163,7 +163,7 @@ func New(inner storage.Driver, cfg Config) (*Store, error) {
 		now:      cfg.Clock,
 		pins:     pins,
 		blobs:    map[digest.Digest]*entry{},
-		deleting: map[digest.Digest]int64{},
+		deleting: map[digest.Digest]struct{}{},
 		opening:  map[digest.Digest]int{},
 		pending:  map[digest.Digest]*pending{},
 		owner:    map[string]digest.Digest{},
