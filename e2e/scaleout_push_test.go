@@ -157,7 +157,7 @@ func TestScaleOutPushAcrossReplicas(t *testing.T) {
 		}
 	}
 	for _, l := range allBlobs(img) {
-		waitPushedStored(t, m, digest.Digest(l))
+		waitPushedStored(t, m, cr, digest.Digest(l))
 		pullHit("team-a/app", digest.Digest(l))
 	}
 
@@ -223,15 +223,15 @@ func TestScaleOutPushAcrossReplicas(t *testing.T) {
 	if got, _ := originGet(t, origin, "repository:team-a/big:pull", "/v2/team-a/big/blobs/"+d.String()); got != d.String() {
 		t.Fatalf("the origin's pushed blob has digest %s", got)
 	}
-	waitPushedStored(t, m, d)
+	waitPushedStored(t, m, cr, d)
 	pullHit("team-a/big", d)
 	checkBucketBlobs(t, t.Context(), m)
 }
 
 // waitPushedStored waits until a pushed blob is in the shared store with its provenance
 // record, the last thing stored (pushed blobs are stored in the background after the
-// origin's 201).
-func waitPushedStored(t *testing.T, m *peers.MinIO, d digest.Digest) {
+// origin's 201); else it fails with the replicas' logs (why the spool was not kept).
+func waitPushedStored(t *testing.T, m *peers.MinIO, cr *peers.CoveReplicas, d digest.Digest) {
 	t.Helper()
 	c, err := m.Client()
 	if err != nil {
@@ -247,5 +247,5 @@ func waitPushedStored(t *testing.T, m *peers.MinIO, d digest.Digest) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	t.Fatalf("the pushed blob %s was not stored with its provenance record", d)
+	t.Fatalf("the pushed blob %s was not stored with its provenance record\n%s", d, replicaLogs(cr))
 }
