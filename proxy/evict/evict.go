@@ -29,7 +29,8 @@ func (s *Store) usedLocked() int64 {
 	return s.stored + s.unlinking + s.reserved + s.indexBytes
 }
 
-// Used returns the bytes counted against the bound: stored, reserved and the index.
+// Used returns the bytes counted against the bound: stored, being deleted, reserved and
+// the index.
 func (s *Store) Used() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -253,7 +254,6 @@ func (s *Store) removeBlob(ctx context.Context, d digest.Digest, atime int64, tr
 		s.log.Warn("evicting a blob failed", "digest", d, "error", err)
 		return 0
 	}
-	s.gaugesLocked()
 	s.mu.Unlock()
 	s.m.Evictions.WithLabelValues(trigger).Inc()
 	s.m.EvictedBytes.WithLabelValues(trigger).Add(float64(e.size))
