@@ -34,6 +34,29 @@ func forward(t *testing.T, sp *spool, body []byte, offset int64) []byte {
 	return got
 }
 
+// answeredEarly tees body as a request the origin answers after reading only its first
+// 4 KiB: the request ends (pause) with the rest unread, and reading the reader returned
+// reads the rest as a transport still sending the body would (straggle).
+func answeredEarly(t *testing.T, sp *spool, body []byte, offset int64) io.Reader {
+	t.Helper()
+	r := sp.tee(bytes.NewReader(body), offset)
+	if _, err := io.ReadFull(r, make([]byte, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	if err := sp.pause(); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// straggle reads the rest of a body answeredEarly left unread.
+func straggle(t *testing.T, r io.Reader) {
+	t.Helper()
+	if _, err := io.ReadAll(r); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Chunks of sizes around the writer's chunk size, over several requests, make one file
 // holding exactly the bytes forwarded; verifySpooled accepts them under their digest and
 // size only.
@@ -87,33 +110,14 @@ func TestPushSpoolDropsWhatItCannotFollow(t *testing.T) {
 	}
 
 	late := newSpool(filepath.Join(dir, "late"))
-	r := late.tee(bytes.NewReader(blob), 0)
-	buf := make([]byte, 4096)
-	if _, err := io.ReadFull(r, buf); err != nil {
-		t.Fatal(err)
-	}
-	if err := late.pause(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadAll(r); err != nil { // the straggler
-		t.Fatal(err)
-	}
+	straggle(t, answeredEarly(t, late, blob, 0))
 	if _, _, ok := late.finish(digest.FromBytes(blob)); ok {
 		t.Fatal("a spool read after its request ended was kept")
 	}
 
 	// The same straggler on a chunk the origin took (202): the next chunk finds it.
 	took := newSpool(filepath.Join(dir, "took"))
-	r = took.tee(bytes.NewReader(blob[:50000]), 0)
-	if _, err := io.ReadFull(r, buf); err != nil {
-		t.Fatal(err)
-	}
-	if err := took.pause(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadAll(r); err != nil {
-		t.Fatal(err)
-	}
+	straggle(t, answeredEarly(t, took, blob[:50000], 0))
 	took.agree(50000)
 	forward(t, took, blob[50000:], 50000)
 	if _, _, ok := took.finish(digest.FromBytes(blob)); ok {
@@ -147,31 +151,13 @@ func TestPushSpoolRewindsRefusedChunk(t *testing.T) {
 	forward(t, sp, blob[:1000], 0)
 
 	mark := sp.end()
-	r := sp.tee(bytes.NewReader(junk), mark) // at the end, refused
-	buf := make([]byte, 4096)
-	if _, err := io.ReadFull(r, buf); err != nil {
-		t.Fatal(err)
-	}
-	if err := sp.pause(); err != nil {
-		t.Fatal(err)
-	}
+	r := answeredEarly(t, sp, junk, mark) // at the end, refused
 	sp.rewind(mark)
-	if _, err := io.ReadAll(r); err != nil { // the straggler of the refused body
-		t.Fatal(err)
-	}
+	straggle(t, r) // the straggler of the refused body
 	// Refused again, and read on after the answer but before the handler rewinds: an
 	// origin that refuses without reading the body answers while the transport still
 	// sends it (make test lost a pushed blob's spool so).
-	r = sp.tee(bytes.NewReader(junk), mark)
-	if _, err := io.ReadFull(r, buf); err != nil {
-		t.Fatal(err)
-	}
-	if err := sp.pause(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadAll(r); err != nil { // the straggler, before the verdict
-		t.Fatal(err)
-	}
+	straggle(t, answeredEarly(t, sp, junk, mark)) // the straggler, before the verdict
 	sp.rewind(mark)
 	forward(t, sp, junk, 0) // elsewhere, refused
 	sp.rewind(mark)
