@@ -66,12 +66,18 @@ func newFixture(t *testing.T, max int64, mod ...func(*Config)) *fixture {
 // open builds a Store over the fixture's driver (a restart opens a second one).
 func (f *fixture) open(max int64, mod ...func(*Config)) *Store {
 	f.t.Helper()
+	return f.openOn(f.inner, max, mod...)
+}
+
+// openOn builds a Store over inner, a driver wrapping the fixture's one.
+func (f *fixture) openOn(inner storage.Driver, max int64, mod ...func(*Config)) *Store {
+	f.t.Helper()
 	f.m = metrics.NewStore()
 	cfg := Config{MaxSize: max, Clock: f.clk.Now, Metrics: f.m, Interval: time.Hour, Logger: slog.New(slog.DiscardHandler)}
 	for _, fn := range mod {
 		fn(&cfg)
 	}
-	s, err := New(f.inner, cfg)
+	s, err := New(inner, cfg)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -496,10 +502,7 @@ func TestEvictedBlobCountsUntilDeleted(t *testing.T) {
 		f.put(100 * kib)
 	}
 	inner := &gatedDelete{Driver: f.inner, entered: make(chan digest.Digest, 8), gate: make(chan struct{})}
-	s, err := New(inner, Config{MaxSize: 480 * kib, Clock: f.clk.Now, Metrics: metrics.NewStore(), Interval: time.Hour, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := f.openOn(inner, 480*kib)
 	s.reconcile(ctx) // the four blobs, walked
 	before := s.Used()
 
